@@ -1,0 +1,5 @@
+"""`python -m layerif ...` (also what torchrun launches)."""
+
+from layerif.cli import main
+
+main()
