@@ -1,0 +1,92 @@
+"""Baseline layer metrics: PL_Alpha_Hill (heavy-tail exponent of a weight's spectrum) and OWL outlier ratios."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from layerif.errors import LayerIFError
+
+# Eigenvalues at or below this are treated as zeros (numerical noise of rank-deficient matrices).
+EIG_THRESHOLD = 1e-5
+HIST_BINS = 100
+PEAK_WINDOW = (0.95, 1.5)  # xmin candidates: eigenvalues within [0.95, 1.5] x the histogram peak
+
+
+def esd(weight: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of WᵀW (squared singular values), ascending, float64."""
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise LayerIFError(f"PL_Alpha_Hill needs a non-empty 2-D weight matrix, got shape {tuple(weight.shape)}")
+    singular = torch.linalg.svdvals(weight.detach().to(torch.float32).cpu())
+    return torch.sort(singular.double() ** 2).values
+
+
+def hill_fit(eigs: torch.Tensor, window: tuple[float, float] = PEAK_WINDOW) -> tuple[float, float, float]:
+    """Power-law fit of an ascending spectrum with the `xmin_peak` rule -> (alpha, xmin, KS distance).
+
+    For each candidate xmin = λ_i the Hill estimator gives α_i = 1 + n_i / Σ_{j≥i} log(λ_j / λ_i); the
+    candidate whose fitted Pareto CDF is closest (Kolmogorov-Smirnov) to the empirical tail wins. Candidates
+    are the eigenvalues within `window` times the peak of the log10-histogram of the spectrum.
+    """
+    eigs = eigs.double()
+    eigs = eigs[eigs > EIG_THRESHOLD] if (eigs > EIG_THRESHOLD).sum() >= 2 else eigs[eigs > 0]
+    n_eigs = len(eigs)
+    if n_eigs < 2:
+        raise LayerIFError("PL_Alpha_Hill needs at least two non-zero eigenvalues")
+    log_eigs = eigs.log()
+    log10_eigs = eigs.log10()
+    low, high = float(log10_eigs.min()), float(log10_eigs.max())
+    counts = torch.histc(log10_eigs, bins=HIST_BINS, min=low, max=high)
+    peak = 10 ** (low + (high - low) * int(torch.argmax(counts)) / HIST_BINS)  # left edge of the fullest bin
+    candidates = torch.arange(n_eigs - 1)  # the largest eigenvalue cannot start a tail of length >= 2
+    in_window = (eigs[:-1] >= window[0] * peak) & (eigs[:-1] <= window[1] * peak)
+    if in_window.any():
+        candidates = candidates[in_window]
+
+    # Hill estimates for every candidate at once via suffix sums of the log-eigenvalues.
+    suffix = torch.flip(torch.cumsum(torch.flip(log_eigs, [0]), 0), [0])  # suffix[i] = Σ_{j≥i} log λ_j
+    tail = (n_eigs - candidates).double()
+    alphas = 1 + tail / (suffix[candidates] - tail * log_eigs[candidates])
+
+    # KS distance of each candidate: max_j |1 - (λ_j/xmin)^(1-α) - (j-i)/n_i| over its tail (masked matrix).
+    index = torch.arange(n_eigs)
+    offset = (index.unsqueeze(0) - candidates.unsqueeze(1)).double()  # [C, N]
+    in_tail = offset >= 0
+    ratio = (log_eigs.unsqueeze(0) - log_eigs[candidates].unsqueeze(1)).clamp(min=0)
+    model_cdf = 1 - torch.exp(ratio * (1 - alphas.unsqueeze(1)))
+    empirical = offset / tail.unsqueeze(1)
+    distance = torch.where(in_tail, (model_cdf - empirical).abs(), torch.zeros_like(model_cdf)).amax(dim=1)
+    distance = torch.where(torch.isfinite(alphas) & (alphas > 1), distance, torch.ones_like(distance))
+    best = int(torch.argmin(distance))
+    return float(alphas[best]), float(eigs[candidates[best]]), float(distance[best])
+
+
+def pl_alpha_hill(weight: torch.Tensor) -> float:
+    """PL_Alpha_Hill of one weight matrix: Hill power-law exponent of the ESD of WᵀW (`xmin_peak` fit)."""
+    return hill_fit(esd(weight))[0]
+
+
+def block_alpha_hill(model: nn.Module, modules: str = "all", quiet: bool = True) -> np.ndarray:
+    """Mean PL_Alpha_Hill over each block's weight matrices -> one value per block."""
+    from tqdm.auto import tqdm
+
+    from layerif.models import select_matrices
+    from layerif.models.blocks import weight_of
+
+    per_block = select_matrices(model, modules=modules)
+    values = np.zeros(len(per_block))
+    for layer, refs in enumerate(tqdm(per_block, desc="PL_Alpha_Hill", disable=quiet, unit="block")):
+        values[layer] = np.mean([pl_alpha_hill(weight_of(ref)) for ref in refs])
+    return values
+
+
+def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
+    """OWL: share of the entries of `scores` that exceed m times their mean."""
+    scores = scores.flatten().double()
+    return float((scores > m * scores.mean()).double().mean())
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda importance |W_ij| · ‖X_j‖₂ for W in (d_out, d_in) and the per-input-feature squared norm of X."""
+    return weight.detach().abs().float() * input_sq_norm.float().clamp(min=0).sqrt().unsqueeze(0)
