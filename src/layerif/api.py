@@ -1,0 +1,222 @@
+"""Python entry point: `score_layers(model, tokenizer, train, val, config) -> LayerScores`."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from layerif.data.loading import row_text
+from layerif.data.tokens import encode_texts, make_batches
+from layerif.errors import LayerIFError
+from layerif.gradients.plan import estimate_factor_bytes, plan_passes, working_bytes
+from layerif.influence.engine import compute_influence
+from layerif.influence.estimators import ESTIMATORS
+from layerif.models.blocks import select_matrices
+from layerif.scores import LayerScores
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """'4GiB', '512MB', '2g' or a number of bytes -> bytes (None stays None)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise LayerIFError(f"cannot read memory size {text!r}; write e.g. 4GiB, 512MB or a number of bytes")
+    return int(value * _UNITS[unit])
+
+
+@dataclass
+class ScoreConfig:
+    """Arguments of a scoring run (each field's help is the CLI's)."""
+
+    n_train: int | None = field(default=None, metadata={"help": "Training rows used (first n; None = all given)."})
+    n_val: int | None = field(default=None, metadata={"help": "Validation rows used (first n; None = all given)."})
+    sample_seed: int | None = field(default=None, metadata={"help": "Pick a random subset with this seed instead of the first rows."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per sample after truncation."})
+    params: str = field(default="full", metadata={"help": "Parameter space: full (block weights) or lora (LoRA adapters)."})
+    modules: str = field(default="all", metadata={"help": "Matrices of each block: attn, mlp or all."})
+    estimator: str = field(default="datainf", metadata={"help": "Inverse-Hessian estimator: datainf, exact or identity."})
+    batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward batch."})
+    max_memory: int | str | None = field(default=None, metadata={"help": "Budget for stored gradients (e.g. 4GiB); default half the free memory."})
+    pairwise: bool = field(default=False, metadata={"help": "Also keep the n_train x n_val influence matrix per layer."})
+    strategy: str = field(default="auto", metadata={"help": "auto, store (keep factors per layer group) or stream (3 passes of sums)."})
+    compute_dtype: str = field(default="float32", metadata={"help": "dtype of the estimator's matmuls (float32 or float64)."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank for --params lora."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for --params lora."})
+    finetune_epochs: float = field(default=0.0, metadata={"help": "Epochs of LoRA fine-tuning on the train set before scoring (lora space)."})
+    finetune_lr: float = field(default=3e-4, metadata={"help": "Learning rate of that fine-tuning."})
+    seed: int = field(default=0, metadata={"help": "Seed for LoRA initialisation and fine-tuning."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
+
+    def validate(self) -> None:
+        """Raise LayerIFError on a bad combination of arguments."""
+        if self.estimator not in ESTIMATORS:
+            raise LayerIFError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if self.params not in ("full", "lora"):
+            raise LayerIFError(f"--params must be full or lora, got {self.params!r}")
+        if self.modules not in ("attn", "mlp", "all"):
+            raise LayerIFError(f"--modules must be attn, mlp or all, got {self.modules!r}")
+        if self.strategy not in ("auto", "store", "stream"):
+            raise LayerIFError(f"--strategy must be auto, store or stream, got {self.strategy!r}")
+        if self.compute_dtype not in ("float32", "float64"):
+            raise LayerIFError(f"compute dtype must be float32 or float64, got {self.compute_dtype!r}")
+        if self.batch_size < 1:
+            raise LayerIFError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.max_length < 2:
+            raise LayerIFError(f"--max-length must be at least 2, got {self.max_length}")
+        for name in ("n_train", "n_val"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LayerIFError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        parse_bytes(self.max_memory)
+
+
+def _texts(rows, what: str) -> list[str]:
+    texts = [row if isinstance(row, str) else row_text(row) for row in rows]
+    if not texts:
+        raise LayerIFError(f"the {what} set is empty")
+    return texts
+
+
+def _length_sorted_batches(encoded, batch_size: int, pad_id: int):
+    """Batches of similar length (less padding); each batch keeps its samples' original numbers."""
+    from layerif.data.tokens import EncodedSet
+
+    order = torch.argsort(encoded.lengths, descending=True, stable=True)
+    reordered = EncodedSet([encoded.input_ids[i] for i in order.tolist()])
+    batches = make_batches(reordered, batch_size, pad_id)
+    for batch in batches:
+        batch.index = order[batch.index]
+    return batches
+
+
+def default_budget(device: torch.device) -> int:
+    """Half of the memory free right now on the device that will hold the stored gradients."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def score_layers(model: nn.Module, tokenizer, train, val, config: ScoreConfig | None = None) -> LayerScores:
+    """Per-layer LayerIF influence of `train` rows (dicts or strings) on the loss of `val` rows."""
+    from layerif.data.loading import select_rows
+
+    config = config or ScoreConfig()
+    config.validate()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    train_rows = select_rows(list(train), config.n_train, config.sample_seed, "training rows")
+    val_rows = select_rows(list(val), config.n_val, config.sample_seed, "validation rows")
+    train_encoded = encode_texts(_texts(train_rows, "training"), tokenizer, config.max_length, "training sample")
+    val_encoded = encode_texts(_texts(val_rows, "validation"), tokenizer, config.max_length, "validation sample")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_batches = _length_sorted_batches(train_encoded, config.batch_size, pad_id)
+    val_batches = _length_sorted_batches(val_encoded, config.batch_size, pad_id)
+    timings["tokenize_s"] = time.perf_counter() - started
+
+    wrapped = None
+    if config.params == "lora":
+        from layerif.gradients.lora import attach_lora, finetune_lora
+
+        started = time.perf_counter()
+        wrapped = attach_lora(model, config.modules, config.lora_rank, config.lora_alpha, config.seed)
+        if config.finetune_epochs > 0:
+            finetune_lora(wrapped, train_batches, config.finetune_epochs, config.finetune_lr, config.seed, config.quiet)
+        timings["finetune_s"] = time.perf_counter() - started
+    scored_model = wrapped if wrapped is not None else model
+    was_training = scored_model.training
+    scored_model.eval()
+    try:
+        per_layer = select_matrices(scored_model, config.modules, config.params)
+        device = next(scored_model.parameters()).device
+        elem = next(scored_model.parameters()).element_size()
+        budget = parse_bytes(config.max_memory) or default_budget(device)
+        layer_bytes = estimate_factor_bytes(per_layer, train_batches, elem)
+        if config.pairwise:
+            val_bytes = estimate_factor_bytes(per_layer, val_batches, elem)
+            layer_bytes = [a + b for a, b in zip(layer_bytes, val_bytes)]
+        largest_batch = max(int(batch.input_ids.numel()) for batch in train_batches)
+        vocab = getattr(getattr(scored_model, "config", None), "vocab_size", 0) or 0
+        working = working_bytes(per_layer, largest_batch, vocab, elem)
+        plan = plan_passes(
+            config.estimator, config.pairwise, layer_bytes, max(budget - working, 1),
+            None if config.strategy == "auto" else config.strategy,
+        )
+        plan.budget_bytes = budget
+        compute_dtype = torch.float64 if config.compute_dtype == "float64" else torch.float32
+        started = time.perf_counter()
+        result = compute_influence(
+            scored_model, per_layer, train_batches, val_batches, len(train_rows), len(val_rows),
+            config.estimator, config.pairwise, plan, compute_dtype, config.quiet,
+            kernel_bytes=max(min(budget // 4, 4 << 30), 64 << 20),
+        )
+        timings["influence_s"] = time.perf_counter() - started
+    finally:
+        scored_model.train(was_training)
+        if wrapped is not None:
+            from layerif.gradients.lora import detach_lora
+
+            detach_lora(wrapped)
+
+    module_names = sorted({ref.name for refs in per_layer for ref in refs}, key=_module_order(per_layer))
+    n_train = len(train_rows)
+    q_modules = torch.full((len(per_layer), len(module_names), n_train), float("nan"), dtype=torch.float64)
+    for layer, refs in enumerate(per_layer):
+        for slot, ref in enumerate(refs):
+            q_modules[layer, module_names.index(ref.name)] = -result.influence[layer][slot]
+    q = torch.nan_to_num(q_modules, nan=0.0).sum(dim=1)
+    q_pairwise = None
+    if result.pairwise is not None:
+        q_pairwise = -torch.stack(result.pairwise).float()
+    metadata = {
+        "config": asdict(config),
+        "plan": plan.to_dict(),
+        "train_passes": result.train_passes,
+        "timings": timings,
+        "damping": result.damping,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "n_train": n_train,
+        "n_val": len(val_rows),
+        "train_tokens": int(train_encoded.lengths.sum()),
+        "val_tokens": int(val_encoded.lengths.sum()),
+    }
+    if device.type == "cuda":
+        metadata["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return LayerScores(
+        q=q.float(),
+        module_names=module_names,
+        q_modules=q_modules.float(),
+        n_params=[sum(ref.n_params for ref in refs) for refs in per_layer],
+        n_val=len(val_rows),
+        q_pairwise=q_pairwise,
+        metadata=metadata,
+    )
+
+
+def _module_order(per_layer):
+    first_seen: dict[str, int] = {}
+    for refs in per_layer:
+        for ref in refs:
+            first_seen.setdefault(ref.name, len(first_seen))
+    return lambda name: first_seen[name]

@@ -1,0 +1,120 @@
+"""One batched forward+backward pass that hands each selected matrix's gradient factors to a consumer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from layerif.data.tokens import Batch, per_sample_loss
+from layerif.errors import LayerIFError
+from layerif.models.blocks import MatrixRef, find_blocks
+
+# consumer(position of the matrix in `refs`, batch, x (B,T,d_in), delta (B,T,d_out), per-batch cache)
+Consumer = Callable[[int, Batch, torch.Tensor, torch.Tensor, dict], None]
+
+
+class NonFiniteGradient(LayerIFError):
+    """A sample produced a NaN or infinite loss or gradient."""
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def run_pass(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    refs: Sequence[MatrixRef],
+    consume: Consumer,
+    first_layer: int = 0,
+    desc: str = "pass",
+    quiet: bool = False,
+    sample_names: Callable[[int], str] | None = None,
+) -> None:
+    """Forward+backward every batch once; backward stops at block `first_layer`'s input.
+
+    Model weights are frozen for the pass, so autograd computes no weight gradients at all: the
+    per-sample quantities are computed from the captured factors by `consume` instead.
+    """
+    _, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    saved_flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in saved_flags:
+        param.requires_grad_(False)
+
+    inputs: dict[int, torch.Tensor] = {}
+    fired: set[int] = set()
+    state: dict = {"batch": None, "cache": {}}
+    handles = []
+
+    def make_forward_hook(position: int):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            inputs[position] = args[0].detach()
+
+            def grad_hook(grad):
+                batch = state["batch"]
+                delta = grad.detach()
+                bad = ~torch.isfinite(delta).all(dim=tuple(range(1, delta.dim())))
+                if bool(bad.any()):
+                    ref = refs[position]
+                    sample = int(batch.index[bad.nonzero()[0, 0]])
+                    name = sample_names(sample) if sample_names else f"sample {sample}"
+                    raise NonFiniteGradient(f"non-finite gradient for {name} in layer {ref.layer} ({ref.name})")
+                fired.add(position)
+                consume(position, batch, inputs.pop(position), delta, state["cache"])
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def start_graph(module, args, kwargs):
+        # Blocks before `first_layer` see no tensor that requires grad, so they build no graph.
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        return args, kwargs
+
+    try:
+        for position, ref in enumerate(refs):
+            handles.append(ref.module.register_forward_hook(make_forward_hook(position)))
+        handles.append(blocks[first_layer].register_forward_pre_hook(start_graph, with_kwargs=True))
+        with _progress(sum(len(batch.index) for batch in batches), desc, quiet) as bar:
+            for batch in batches:
+                on_device = batch.to(device)
+                state["batch"], state["cache"] = batch, {}
+                inputs.clear()
+                fired.clear()
+                with torch.enable_grad():
+                    logits = model(
+                        input_ids=on_device.input_ids, attention_mask=on_device.attention_mask, use_cache=False
+                    ).logits
+                    losses = per_sample_loss(logits, on_device.labels)
+                    bad = ~torch.isfinite(losses)
+                    if bool(bad.any()):
+                        sample = int(batch.index[bad.nonzero()[0, 0]])
+                        name = sample_names(sample) if sample_names else f"sample {sample}"
+                        raise NonFiniteGradient(f"non-finite loss for {name}")
+                    del logits
+                    losses.sum().backward()
+                for position in range(len(refs)):
+                    if position not in fired:  # a matrix the loss does not reach: zero gradient
+                        x = inputs.pop(position, None)
+                        ref = refs[position]
+                        if x is None:
+                            shape = (*on_device.input_ids.shape, ref.d_in)
+                            x = torch.zeros(shape, device=device, dtype=ref.module.weight.dtype)
+                        delta = torch.zeros((*x.shape[:-1], ref.d_out), device=device, dtype=x.dtype)
+                        consume(position, batch, x, delta, state["cache"])
+                bar.update(len(batch.index))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in saved_flags:
+            param.requires_grad_(flag)
+        inputs.clear()

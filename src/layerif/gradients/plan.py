@@ -1,0 +1,85 @@
+"""Decide how gradients are kept: factors of all layers in one pass, layer groups, or streamed sums."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from layerif.data.tokens import Batch
+from layerif.models.blocks import MatrixRef
+
+# Work that does not scale with the stored factors (activations of one batch, v, u, logits).
+def working_bytes(per_layer: Sequence[Sequence[MatrixRef]], batch_tokens: int, vocab: int, elem: int) -> int:
+    """Rough memory of one pass besides stored factors: v and u accumulators plus one batch's activations."""
+    weights = sum(ref.n_params for refs in per_layer for ref in refs)
+    activations = batch_tokens * sum(ref.d_in + ref.d_out for refs in per_layer for ref in refs) * elem
+    logits = batch_tokens * vocab * 4 * 3
+    return 2 * weights * 4 + 2 * activations + logits
+
+
+def estimate_factor_bytes(per_layer: Sequence[Sequence[MatrixRef]], batches: Sequence[Batch], elem: int) -> list[int]:
+    """Bytes of the stored gradient factors of each layer over `batches` (padding included)."""
+    padded_tokens = sum(int(batch.input_ids.numel()) for batch in batches)
+    return [padded_tokens * sum(ref.d_in + ref.d_out for ref in refs) * elem for refs in per_layer]
+
+
+@dataclass
+class PassPlan:
+    """How a scoring run traverses the data: `store` keeps factors per layer group, `stream` keeps sums only."""
+
+    mode: str
+    groups: list[list[int]]  # layer groups, one store pass each (stream: one group with every layer)
+    passes: int
+    reason: str
+    factor_bytes: int = 0
+    budget_bytes: int = 0
+    estimated_cost: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_passes(
+    estimator: str, pairwise: bool, layer_bytes: Sequence[int], budget_bytes: int, force: str | None = None
+) -> PassPlan:
+    """Fewest passes that fit the budget; cost in units of one forward (a full backward costs two)."""
+    n_layers = len(layer_bytes)
+    total = int(sum(layer_bytes))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    fits = True
+    for layer in reversed(range(n_layers)):  # later layers first: their passes need a shorter backward
+        if layer_bytes[layer] > budget_bytes:
+            fits = False
+        if current and used + layer_bytes[layer] > budget_bytes:
+            groups.append(sorted(current))
+            current, used = [], 0
+        current.append(layer)
+        used += layer_bytes[layer]
+    groups.append(sorted(current))
+    store_cost = sum(1 + 2 * (n_layers - min(group)) / n_layers for group in groups)
+    stream_passes = {"datainf": 3, "identity": 1}.get(estimator)
+    stream_ok = stream_passes is not None and not pairwise
+    stream_cost = 3.0 * stream_passes if stream_ok else float("inf")
+    costs = {"store": round(store_cost, 3), "stream": stream_cost if stream_ok else None}
+    common = {"factor_bytes": total, "budget_bytes": int(budget_bytes), "estimated_cost": costs}
+    gib = 1 << 30
+    if force == "stream" and not stream_ok:
+        from layerif.errors import LayerIFError
+
+        raise LayerIFError(f"streaming passes support datainf and identity without --pairwise, not {estimator}")
+    if force == "stream" or (force is None and stream_ok and (not fits or stream_cost < store_cost)):
+        why = "requested" if force == "stream" else (
+            f"factors need {total / gib:.2f} GiB; "
+            + ("one layer alone exceeds" if not fits else f"{len(groups)} layer groups would cost more than streaming in")
+            + f" the {budget_bytes / gib:.2f} GiB budget"
+        )
+        return PassPlan("stream", [list(range(n_layers))], stream_passes, f"stream sums: {why}", **common)
+    if len(groups) == 1:
+        why = f"all factors ({total / gib:.2f} GiB) fit the {budget_bytes / gib:.2f} GiB budget"
+    else:
+        why = f"factors need {total / gib:.2f} GiB > {budget_bytes / gib:.2f} GiB budget: {len(groups)} layer groups"
+        if not fits:
+            why += " (one layer alone exceeds the budget; it gets a pass to itself)"
+    return PassPlan("store", groups, len(groups), why, **common)

@@ -1,0 +1,128 @@
+"""Run the passes a plan asks for and return each matrix's influence on each training sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from layerif.data.tokens import Batch
+from layerif.gradients.factors import FactorChunk, MatrixFactors, chunk_sq_norms, chunk_weighted_sum
+from layerif.gradients.passes import run_pass
+from layerif.gradients.plan import PassPlan
+from layerif.influence.estimators import influence_from_factors
+from layerif.influence.streaming import StreamingInfluence
+from layerif.models.blocks import MatrixRef
+
+
+@dataclass
+class InfluenceResult:
+    """Influence I (Koh & Liang sign) of every matrix on every training sample."""
+
+    influence: list[list[torch.Tensor]]  # [layer][matrix] -> (n,) float64
+    pairwise: list[torch.Tensor] | None  # [layer] -> (n, m) float64, summed over the layer's matrices
+    damping: list[list[float]]  # [layer][matrix]
+    train_passes: int
+
+
+def _x_gram(x: torch.Tensor, cache: dict) -> torch.Tensor:
+    """X X^T per sample, shared by matrices that read the same input (q/k/v, gate/up)."""
+    entry = cache.get(id(x))
+    if entry is None or entry[0] is not x:
+        entry = (x, torch.bmm(x, x.transpose(1, 2)))
+        cache[id(x)] = entry  # holding x keeps its id from being reused within the batch
+    return entry[1]
+
+
+def compute_influence(
+    model: nn.Module,
+    per_layer: Sequence[Sequence[MatrixRef]],
+    train_batches: Sequence[Batch],
+    val_batches: Sequence[Batch],
+    n_train: int,
+    n_val: int,
+    estimator: str,
+    pairwise: bool,
+    plan: PassPlan,
+    compute_dtype: torch.dtype = torch.float32,
+    quiet: bool = False,
+    kernel_bytes: int = 1 << 30,
+    on_group_done: Callable[[list[int]], None] | None = None,
+) -> InfluenceResult:
+    """Influence of each training sample through each selected matrix, following `plan`."""
+    influence: list[list[torch.Tensor | None]] = [[None] * len(refs) for refs in per_layer]
+    damping_values: list[list[float]] = [[0.0] * len(refs) for refs in per_layer]
+    pair: list[torch.Tensor | None] | None = [None] * len(per_layer) if pairwise else None
+    train_name = lambda i: f"training sample {i}"  # noqa: E731
+    val_name = lambda i: f"validation sample {i}"  # noqa: E731
+
+    if plan.mode == "stream":
+        refs = [ref for layer in plan.groups[0] for ref in per_layer[layer]]
+        stream = StreamingInfluence(estimator, [(r.d_out, r.d_in) for r in refs], n_train, compute_dtype)
+        total = stream.passes
+        run_pass(model, val_batches, refs, stream.consume_val, 0, "validation gradients", quiet, val_name)
+        run_pass(model, train_batches, refs, stream.consume_first, 0, f"pass 1/{total} (norms, g.v)", quiet,
+                 train_name)
+        if estimator != "identity":
+            stream.finish_first()
+            run_pass(model, train_batches, refs, stream.consume_second, 0, f"pass 2/{total} (sum c g)", quiet,
+                     train_name)
+            run_pass(model, train_batches, refs, stream.consume_third, 0, f"pass 3/{total} (g.u)", quiet,
+                     train_name)
+        values = stream.influence()
+        for position, ref in enumerate(refs):
+            slot = per_layer[ref.layer].index(ref)
+            influence[ref.layer][slot] = values[position]
+            damping_values[ref.layer][slot] = float(stream.lam[position])
+        return InfluenceResult(influence, None, damping_values, total)
+
+    for group_number, group in enumerate(plan.groups):
+        refs = [ref for layer in group for ref in per_layer[layer]]
+        first_layer = min(group)
+        label = f"pass {group_number + 1}/{len(plan.groups)}"
+        val_sum: list[torch.Tensor | None] = [None] * len(refs)
+        val_factors = [MatrixFactors(n_val, r.d_in, r.d_out, compute_dtype) for r in refs] if pairwise else None
+        train_factors = [MatrixFactors(n_train, r.d_in, r.d_out, compute_dtype) for r in refs]
+
+        def consume_val(position, batch, x, delta, cache):
+            xc, dc = x.to(compute_dtype), delta.to(compute_dtype)
+            part = chunk_weighted_sum(xc, dc, torch.ones(x.shape[0], dtype=compute_dtype, device=x.device))
+            val_sum[position] = part if val_sum[position] is None else val_sum[position] + part
+            if val_factors is not None:
+                val_factors[position].add(FactorChunk(batch.index, x, delta), torch.zeros(len(batch.index)))
+
+        def consume_train(position, batch, x, delta, cache):
+            xc, dc = x.to(compute_dtype), delta.to(compute_dtype)
+            ref = refs[position]
+            cheap_gram = x.shape[1] * (ref.d_in + ref.d_out) <= ref.d_in * ref.d_out
+            sq = chunk_sq_norms(xc, dc, _x_gram(xc, cache) if cheap_gram else None)
+            train_factors[position].add(FactorChunk(batch.index, x, delta), sq)
+
+        run_pass(model, val_batches, refs, consume_val, first_layer, f"{label} validation", quiet, val_name)
+        run_pass(model, train_batches, refs, consume_train, first_layer, f"{label} training", quiet, train_name)
+        from tqdm.auto import tqdm
+
+        for position, ref in enumerate(tqdm(refs, desc=f"{label} {estimator}", disable=quiet, leave=False,
+                                            unit="matrix", dynamic_ncols=True)):
+            val_each = None
+            if val_factors is not None:
+                index, grads = next(val_factors[position].materialised(max_bytes=1 << 62))
+                val_each = torch.empty_like(grads)
+                val_each[index] = grads
+                val_each = val_each.view(n_val, ref.d_out, ref.d_in)
+            values, values_pair, lam = influence_from_factors(
+                estimator, train_factors[position], val_sum[position], val_each, max_bytes=kernel_bytes
+            )
+            slot = per_layer[ref.layer].index(ref)
+            influence[ref.layer][slot] = values
+            damping_values[ref.layer][slot] = lam
+            if pair is not None:
+                pair[ref.layer] = values_pair if pair[ref.layer] is None else pair[ref.layer] + values_pair
+            train_factors[position] = None  # free as we go
+            if val_factors is not None:
+                val_factors[position] = None
+        if on_group_done is not None:
+            on_group_done(group)
+    return InfluenceResult(influence, pair, damping_values, len(plan.groups))

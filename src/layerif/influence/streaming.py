@@ -1,0 +1,75 @@
+"""DataInf / identity influence from streamed sums: memory of two weight-sized accumulators, not of n gradients.
+
+DataInf needs three traversals: (1) validation sum v, then ||g_i||^2 and g_i . v for each training sample;
+(2) u = sum_i c_i g_i once lambda and c are known; (3) g_i . u. Identity needs only the first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from layerif.gradients.factors import chunk_dots, chunk_sq_norms, chunk_weighted_sum
+from layerif.influence.estimators import damping
+
+
+class StreamingInfluence:
+    """Accumulates what one matrix set needs across passes; call `consume_*` from `run_pass`."""
+
+    def __init__(self, estimator: str, shapes: list[tuple[int, int]], n: int, compute_dtype=torch.float32):
+        self.estimator = estimator
+        self.shapes = shapes
+        self.n = n
+        self.compute_dtype = compute_dtype
+        self.v: list[torch.Tensor | None] = [None] * len(shapes)
+        self.u: list[torch.Tensor | None] = [None] * len(shapes)
+        self.sq = torch.zeros(len(shapes), n, dtype=torch.float64)
+        self.gv = torch.zeros(len(shapes), n, dtype=torch.float64)
+        self.gu = torch.zeros(len(shapes), n, dtype=torch.float64)
+        self.lam = torch.zeros(len(shapes), dtype=torch.float64)
+        self.coefficients: torch.Tensor | None = None
+
+    @property
+    def passes(self) -> int:
+        return 1 if self.estimator == "identity" else 3
+
+    def _cast(self, x, delta):
+        return x.to(self.compute_dtype), delta.to(self.compute_dtype)
+
+    def consume_val(self, position: int, batch, x: torch.Tensor, delta: torch.Tensor, cache: dict) -> None:
+        """Pass 1, validation batches: v += sum_j g_j."""
+        x, delta = self._cast(x, delta)
+        part = chunk_weighted_sum(x, delta, torch.ones(x.shape[0], dtype=x.dtype, device=x.device))
+        self.v[position] = part if self.v[position] is None else self.v[position] + part
+
+    def consume_first(self, position: int, batch, x: torch.Tensor, delta: torch.Tensor, cache: dict) -> None:
+        """Pass 1, training batches: ||g_i||^2 and g_i . v."""
+        x, delta = self._cast(x, delta)
+        self.sq[position, batch.index] = chunk_sq_norms(x, delta).double().cpu()
+        self.gv[position, batch.index] = chunk_dots(x, delta, self.v[position]).double().cpu()
+
+    def finish_first(self) -> None:
+        """Between passes 1 and 2: lambda and c for every matrix."""
+        for position, (d_out, d_in) in enumerate(self.shapes):
+            self.lam[position] = damping(self.sq[position], d_in * d_out)
+        safe = torch.where(self.lam > 0, self.lam, torch.ones_like(self.lam))
+        self.coefficients = self.gv / (safe.unsqueeze(1) + self.sq)
+
+    def consume_second(self, position: int, batch, x: torch.Tensor, delta: torch.Tensor, cache: dict) -> None:
+        """Pass 2: u += sum_i c_i g_i."""
+        x, delta = self._cast(x, delta)
+        weights = self.coefficients[position, batch.index].to(x.device)
+        part = chunk_weighted_sum(x, delta, weights)
+        self.u[position] = part if self.u[position] is None else self.u[position] + part
+
+    def consume_third(self, position: int, batch, x: torch.Tensor, delta: torch.Tensor, cache: dict) -> None:
+        """Pass 3: g_i . u."""
+        x, delta = self._cast(x, delta)
+        self.gu[position, batch.index] = chunk_dots(x, delta, self.u[position]).double().cpu()
+
+    def influence(self) -> torch.Tensor:
+        """(n_matrices, n) influence I (Koh & Liang sign)."""
+        if self.estimator == "identity":
+            return -self.gv
+        safe = torch.where(self.lam > 0, self.lam, torch.ones_like(self.lam)).unsqueeze(1)
+        values = -(self.gv - self.gu / self.n) / safe
+        return torch.where(self.lam.unsqueeze(1) > 0, values, torch.zeros_like(values))
