@@ -12,7 +12,7 @@ from torch import nn
 from layerif.data.loading import row_text
 from layerif.data.tokens import encode_texts, make_batches
 from layerif.errors import LayerIFError
-from layerif.gradients.plan import estimate_factor_bytes, plan_passes, working_bytes
+from layerif.gradients.plan import estimate_factor_bytes, plan_passes, shared_inputs, working_bytes
 from layerif.influence.engine import compute_influence
 from layerif.influence.estimators import ESTIMATORS
 from layerif.models.blocks import select_matrices
@@ -152,9 +152,10 @@ def score_layers(model: nn.Module, tokenizer, train, val, config: ScoreConfig | 
         device = next(scored_model.parameters()).device
         elem = next(scored_model.parameters()).element_size()
         budget = parse_bytes(config.max_memory) or default_budget(device)
-        layer_bytes = estimate_factor_bytes(per_layer, train_batches, elem)
+        shared = shared_inputs(scored_model, per_layer, train_batches[0])
+        layer_bytes = estimate_factor_bytes(per_layer, train_batches, elem, shared)
         if config.pairwise:
-            val_bytes = estimate_factor_bytes(per_layer, val_batches, elem)
+            val_bytes = estimate_factor_bytes(per_layer, val_batches, elem, shared)
             layer_bytes = [a + b for a, b in zip(layer_bytes, val_bytes)]
         largest_batch = max(int(batch.input_ids.numel()) for batch in train_batches)
         vocab = getattr(getattr(scored_model, "config", None), "vocab_size", 0) or 0

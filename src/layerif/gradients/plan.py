@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from layerif.data.tokens import Batch
 from layerif.models.blocks import MatrixRef
 
-# Work that does not scale with the stored factors (activations of one batch, v, u, logits).
+
 def working_bytes(per_layer: Sequence[Sequence[MatrixRef]], batch_tokens: int, vocab: int, elem: int) -> int:
     """Rough memory of one pass besides stored factors: v and u accumulators plus one batch's activations."""
     weights = sum(ref.n_params for refs in per_layer for ref in refs)
@@ -17,10 +17,52 @@ def working_bytes(per_layer: Sequence[Sequence[MatrixRef]], batch_tokens: int, v
     return 2 * weights * 4 + 2 * activations + logits
 
 
-def estimate_factor_bytes(per_layer: Sequence[Sequence[MatrixRef]], batches: Sequence[Batch], elem: int) -> list[int]:
+def shared_inputs(model, per_layer: Sequence[Sequence[MatrixRef]], batch: Batch) -> set[tuple[int, str]]:
+    """(layer, name) of matrices that read the same input tensor as an earlier matrix (q/k/v, gate/up).
+
+    Stored inputs of such matrices share memory, so they are counted once. Found with one short forward.
+    """
+    import torch
+
+    seen: dict[tuple[int, int], str] = {}
+    shared: set[tuple[int, str]] = set()
+    handles = []
+
+    def make_hook(ref: MatrixRef):
+        def hook(module, args, output):
+            key = (ref.layer, args[0].data_ptr())
+            if key in seen:
+                shared.add((ref.layer, ref.name))
+            else:
+                seen[key] = ref.name
+
+        return hook
+
+    device = next(model.parameters()).device
+    probe = batch.to(device)
+    try:
+        for refs in per_layer:
+            for ref in refs:
+                handles.append(ref.module.register_forward_hook(make_hook(ref)))
+        with torch.no_grad():
+            model(input_ids=probe.input_ids[:1, :4], attention_mask=probe.attention_mask[:1, :4], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shared
+
+
+def estimate_factor_bytes(
+    per_layer: Sequence[Sequence[MatrixRef]], batches: Sequence[Batch], elem: int,
+    shared: set[tuple[int, str]] | None = None,
+) -> list[int]:
     """Bytes of the stored gradient factors of each layer over `batches` (padding included)."""
     padded_tokens = sum(int(batch.input_ids.numel()) for batch in batches)
-    return [padded_tokens * sum(ref.d_in + ref.d_out for ref in refs) * elem for refs in per_layer]
+    shared = shared or set()
+    return [
+        padded_tokens * sum((0 if (ref.layer, ref.name) in shared else ref.d_in) + ref.d_out for ref in refs) * elem
+        for refs in per_layer
+    ]
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def load_model(
     elif gguf_file is not None:
         if not (Path(name_or_path) / gguf_file).is_file():
             raise LayerIFError(f"GGUF file not found: {Path(name_or_path) / gguf_file}")
-    elif os.path.sep in name_or_path and not Path(name_or_path).exists():
+    elif name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
         raise LayerIFError(f"model directory not found: {name_or_path}")
 
     kwargs: dict = {}

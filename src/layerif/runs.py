@@ -1,0 +1,168 @@
+"""A scoring run end to end: load model and data, score, write the run directory atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from layerif.api import ScoreConfig, peak_rss_bytes, score_layers
+from layerif.errors import LayerIFError
+from layerif.io import atomic_write_json
+from layerif.scores import LayerScores
+
+OUTPUT_FILES = ("layer_scores.csv", "influence.safetensors", "layer_scores.png", "run.json")
+
+
+@dataclass
+class ScoreRun:
+    """Where the model, data and outputs of a `layerif score` run are."""
+
+    model: str
+    train: str | None
+    val: str | None
+    out: str
+    gguf_file: str | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    overwrite: bool = False
+    demo_task: str | None = None
+    config: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("layerif", "torch", "transformers", "peft", "numpy", "safetensors", "datasets"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output directory that already holds another run, unless overwriting."""
+    if out.exists() and not out.is_dir():
+        raise LayerIFError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "another run" if (out / "run.json").exists() else "other files"
+        raise LayerIFError(f"--out {out} already holds {what}; pass --overwrite or choose another directory")
+
+
+def _data_info(source: str | None, split: str | None) -> dict:
+    from layerif.data.loading import file_sha256
+
+    if source is None:
+        return {"source": "built-in"}
+    info: dict = {"source": str(source), "split": split}
+    if Path(source).is_file():
+        info["sha256"] = file_sha256(source)
+    return info
+
+
+def _load_rows(run: ScoreRun):
+    from layerif.data import demo_rows, load_rows
+
+    if run.demo_task is not None:
+        config = run.config
+        n_train = config.n_train or 300
+        n_val = config.n_val or 50
+        rows = demo_rows(run.demo_task, n_train + n_val, seed=0)
+        return rows[:n_train], rows[n_train:]
+    if run.train is None or run.val is None:
+        raise LayerIFError("both --train and --val are needed")
+    return load_rows(run.train, run.train_split), load_rows(run.val, run.val_split)
+
+
+def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
+    """Score layers and write layer_scores.csv, influence.safetensors, layer_scores.png and run.json."""
+    from layerif.models import load_model
+    from layerif.report.plots import plot_layer_scores
+
+    out = Path(run.out)
+    check_output_dir(out, run.overwrite)
+    run.config.validate()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    train_rows, val_rows = _load_rows(run)
+    timings["load_data_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    device = run.device or ("cuda" if _cuda_available() else "cpu")
+    loaded = load_model(run.model, run.gguf_file, run.dtype, device, quiet=run.config.quiet)
+    timings["load_model_s"] = time.perf_counter() - clock
+    scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config)
+    timings.update(scores.metadata.pop("timings", {}))
+
+    clock = time.perf_counter()
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        scores.metadata["model"] = {"source": loaded.source, "gguf_file": loaded.gguf_file,
+                                    "revision": loaded.revision, "class": type(loaded.model).__name__}
+        scores.save(staging)
+        plot_layer_scores(scores, staging / "layer_scores.png", title=f"LayerIF scores — {loaded.source}")
+        timings["write_s"] = time.perf_counter() - clock
+        record = {
+            "format": "layerif.run/1",
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "started_at": started_at,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": asdict(run.config),
+            "model": {**scores.metadata["model"], "argument": run.model, "dtype": str(next(loaded.model.parameters()).dtype),
+                      "device": device, "n_layers": scores.n_layers},
+            "data": {"train": _data_info(run.train, run.train_split) if run.demo_task is None else
+                     {"source": f"built-in demo task {run.demo_task!r}"},
+                     "val": _data_info(run.val, run.val_split) if run.demo_task is None else
+                     {"source": f"built-in demo task {run.demo_task!r}"},
+                     "n_train": scores.n_train, "n_val": scores.n_val,
+                     "train_tokens": scores.metadata.get("train_tokens"), "val_tokens": scores.metadata.get("val_tokens")},
+            "plan": scores.metadata.get("plan"),
+            "passes": scores.metadata.get("train_passes"),
+            "timings_s": {key: round(value, 3) for key, value in timings.items()},
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_gpu_bytes": scores.metadata.get("peak_gpu_bytes"),
+            "versions": package_versions(),
+            "outputs": list(OUTPUT_FILES),
+        }
+        atomic_write_json(staging / "run.json", record)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return scores, out
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move a finished run into place; run.json goes last so its presence marks a complete run."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    (out / "run.json").unlink(missing_ok=True)
+    for name in OUTPUT_FILES:
+        if name != "run.json" and (staging / name).exists():
+            os.replace(staging / name, out / name)
+    os.replace(staging / "run.json", out / "run.json")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def describe(path: Path) -> str:
+    """One line naming the files of a run directory."""
+    record = json.loads((path / "run.json").read_text())
+    return f"wrote {', '.join(record['outputs'])} to {path} ({record['passes']} pass(es), {record['plan']['mode']})"

@@ -1,0 +1,81 @@
+"""Other architectures and the LoRA space against naive per-sample gradients; plans; bad gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerif.api import ScoreConfig, score_layers
+from layerif.gradients.passes import NonFiniteGradient
+from layerif.gradients.plan import plan_passes
+from layerif.models.blocks import select_matrices
+from tests.conftest import TinyTokenizer, tiny_llama, tiny_texts
+from tests.helpers import tiny_gpt2, tiny_neox
+from tests.influence.test_exactness import naive_gradients, naive_influence
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_neox])
+def test_other_architectures_match_naive(builder):
+    tok = TinyTokenizer()
+    train, val = tiny_texts(8, seed=20), tiny_texts(3, seed=21)
+    model = builder(layers=2, seed=3)
+    reference = builder(layers=2, seed=3)
+    ref_refs = [r for layer in select_matrices(reference) for r in layer]
+    g_train = naive_gradients(reference, tok, train, ref_refs)
+    g_val = naive_gradients(reference, tok, val, ref_refs)
+    expected = torch.zeros(2, 8, dtype=torch.float64)
+    for position, ref in enumerate(ref_refs):
+        expected[ref.layer] -= naive_influence(g_train[position], g_val[position], "datainf")
+    got = score_layers(model, tok, train, val, ScoreConfig(batch_size=3, quiet=True)).q.double()
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
+
+
+def test_lora_space_scores_adapters_and_restores_model():
+    tok = TinyTokenizer()
+    train, val = tiny_texts(10, seed=30), tiny_texts(3, seed=31)
+    model = tiny_llama(layers=2, seed=5)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    scores = score_layers(model, tok, train, val,
+                          ScoreConfig(params="lora", finetune_epochs=1, batch_size=5, quiet=True))
+    assert scores.q.shape == (2, 10) and torch.isfinite(scores.q).all() and scores.q.abs().sum() > 0
+    assert any("lora_A" in name for name in scores.module_names)
+    assert scores.n_params[0] == sum(8 * (ref.d_in + ref.d_out) for ref in select_matrices(model, "all")[0])
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_untrained_lora_gives_zero_influence_through_A():
+    tok = TinyTokenizer()
+    scores = score_layers(tiny_llama(layers=1, seed=6), tok, tiny_texts(6, seed=1), tiny_texts(2, seed=2),
+                          ScoreConfig(params="lora", quiet=True))
+    a_rows = [i for i, name in enumerate(scores.module_names) if "lora_A" in name]
+    assert torch.all(scores.q_modules[0, a_rows] == 0)
+
+
+def test_group_passes_equal_single_pass():
+    tok = TinyTokenizer()
+    train, val = tiny_texts(9, seed=40), tiny_texts(3, seed=41)
+    one = score_layers(tiny_llama(layers=4, seed=7), tok, train, val, ScoreConfig(quiet=True))
+    tight = score_layers(tiny_llama(layers=4, seed=7), tok, train, val,
+                         ScoreConfig(quiet=True, max_memory=1, strategy="store"))
+    assert tight.metadata["plan"]["mode"] == "store" and tight.metadata["train_passes"] == 4
+    torch.testing.assert_close(tight.q, one.q, rtol=1e-5, atol=1e-5 * one.q.abs().max().item())
+
+
+def test_plan_prefers_fewest_passes():
+    assert plan_passes("datainf", False, [10] * 6, 100).passes == 1
+    grouped = plan_passes("datainf", False, [10] * 6, 30)
+    assert grouped.mode == "store" and grouped.groups == [[3, 4, 5], [0, 1, 2]]
+    assert plan_passes("datainf", False, [10] * 6, 5).mode == "stream"
+    assert plan_passes("exact", False, [10] * 6, 5).mode == "store"
+    assert plan_passes("identity", False, [10] * 6, 5).passes == 1
+
+
+def test_non_finite_gradient_names_sample_and_layer():
+    tok = TinyTokenizer()
+    model = tiny_llama(layers=2, seed=8)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteGradient, match=r"non-finite (loss|gradient) for training sample \d"):
+        score_layers(model, tok, tiny_texts(4, seed=1), tiny_texts(2, seed=2),
+                     ScoreConfig(quiet=True, n_val=None))

@@ -1,0 +1,107 @@
+"""`layerif score` end to end on a tiny local model: outputs, table, errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from layerif.cli import main
+from layerif.scores import LayerScores
+from tests.helpers import instruction_rows, save_tiny_model, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_model(root / "model", layers=3)
+    write_jsonl(root / "train.jsonl", instruction_rows(12, seed=1))
+    write_jsonl(root / "val.jsonl", instruction_rows(4, seed=2))
+    return root
+
+
+def run_cli(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def score_args(root, out, *extra):
+    return ["score", "--model", str(root / "model"), "--train", str(root / "train.jsonl"), "--val",
+            str(root / "val.jsonl"), "--n-train", "12", "--n-val", "4", "--out", str(out), "--quiet", *extra]
+
+
+def test_score_writes_all_outputs(setup, capsys):
+    out = setup / "run1"
+    assert run_cli(*score_args(setup, out, "--pairwise")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["influence.safetensors", "layer_scores.csv",
+                                                     "layer_scores.png", "run.json"]
+    tensors = load_file(out / "influence.safetensors")
+    assert tensors["q"].shape == (3, 12) and tensors["q"].dtype == torch.float32
+    assert tensors["q_pairwise"].shape == (3, 12, 4)
+    record = json.loads((out / "run.json").read_text())
+    assert record["passes"] >= 1 and record["data"]["train"]["sha256"] and record["versions"]["torch"]
+    assert record["config"]["estimator"] == "datainf" and "load_model_s" in record["timings_s"]
+    csv_head = (out / "layer_scores.csv").read_text().splitlines()[0].split(",")
+    for column in ("layer", "S_pos", "S_top25", "S_all", "n_pos", "n_train", "n_val", "n_params"):
+        assert column in csv_head
+    scores = LayerScores.load(out)
+    torch.testing.assert_close(scores.q, tensors["q"])
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_existing_run_is_refused_then_overwritten(setup, capsys):
+    out = setup / "run2"
+    assert run_cli(*score_args(setup, out)) == 0
+    before = (out / "run.json").read_text()
+    assert run_cli(*score_args(setup, out)) == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == before
+    assert run_cli(*score_args(setup, out, "--overwrite", "--estimator", "identity")) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["estimator"] == "identity"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--train": "missing.jsonl"}, "data file not found"),
+        ({"--n-train": "500"}, "asked for 500 training rows but the data has only 12"),
+        ({"--estimator": "lissa"}, "unknown estimator"),
+        ({"--modules": "ffn"}, "--modules must be"),
+        ({"--max-memory": "lots"}, "cannot read memory size"),
+        ({"--model": "./no/such/dir"}, "model directory not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(setup, capsys, change, message):
+    out = setup / "bad"
+    args = score_args(setup, out)
+    for flag, value in change.items():
+        value = value if not value.endswith(".jsonl") else str(setup / value)
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert not list(setup.glob(".bad.partial-*"))
+
+
+def test_wrong_columns(setup, capsys):
+    write_jsonl(setup / "odd.jsonl", [{"question": "x"}])
+    args = score_args(setup, setup / "odd")
+    args[args.index("--train") + 1] = str(setup / "odd.jsonl")
+    assert run_cli(*args) == 2
+    assert "rows need a 'text' column" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_module(setup):
+    done = subprocess.run([sys.executable, "-m", "layerif", "score", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--max-memory" in done.stdout
