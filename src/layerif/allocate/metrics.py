@@ -90,3 +90,30 @@ def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
     """Wanda importance |W_ij| · ‖X_j‖₂ for W in (d_out, d_in) and the per-input-feature squared norm of X."""
     return weight.detach().abs().float() * input_sq_norm.float().clamp(min=0).sqrt().unsqueeze(0)
+
+
+def owl_outlier_ratios(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    m: float = 5.0,
+    modules: str = "all",
+    batch_size: int = 8,
+    quiet: bool = True,
+) -> np.ndarray:
+    """OWL layerwise outlier ratio of each block on the dense model: share of its Wanda scores above m × mean."""
+    from tqdm.auto import tqdm
+
+    from layerif.calibration import BlockRunner, InputStats, input_hooks
+    from layerif.models import select_matrices
+    from layerif.models.blocks import weight_of
+
+    per_block = select_matrices(model, modules=modules)
+    runner = BlockRunner(model, calib_ids, batch_size=batch_size)
+    ratios = np.zeros(len(per_block))
+    for layer, refs in enumerate(tqdm(per_block, desc="OWL outliers", disable=quiet, unit="block")):
+        stats = InputStats()
+        with input_hooks({ref.name: ref.module for ref in refs}, stats):
+            runner.advance(runner.blocks[layer])  # dense outputs feed the next block
+        block_scores = torch.cat([wanda_scores(weight_of(ref), stats.mean_sq(ref.name)).flatten() for ref in refs])
+        ratios[layer] = outlier_ratio(block_scores, m)
+    return ratios
