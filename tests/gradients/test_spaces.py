@@ -74,8 +74,9 @@ def test_plan_prefers_fewest_passes():
 def test_non_finite_gradient_names_sample_and_layer():
     tok = TinyTokenizer()
     model = tiny_llama(layers=2, seed=8)
+    poison = tok.vocab["omega"]
     with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
-    with pytest.raises(NonFiniteGradient, match=r"non-finite (loss|gradient) for training sample \d"):
-        score_layers(model, tok, tiny_texts(4, seed=1), tiny_texts(2, seed=2),
-                     ScoreConfig(quiet=True, n_val=None))
+        model.model.embed_tokens.weight[poison] = float("nan")
+    train = ["alpha beta gamma", "delta red blue", "cat omega dog", "tree fish bird"]
+    with pytest.raises(NonFiniteGradient, match=r"non-finite loss for training sample 2 \(.*layer 0\)"):
+        score_layers(model, tok, train, ["alpha beta", "red green"], ScoreConfig(quiet=True, batch_size=4))

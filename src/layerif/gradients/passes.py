@@ -73,6 +73,17 @@ def run_pass(
 
         return hook
 
+    def make_block_check(layer: int):
+        def check(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            finite = torch.isfinite(hidden.detach()).flatten(1).all(dim=1)
+            if not bool(finite.all()):
+                first_bad = state["first_bad_layer"]
+                newly = (~finite).cpu() & (first_bad < 0)
+                first_bad[newly] = layer
+
+        return check
+
     def start_graph(module, args, kwargs):
         # Blocks before `first_layer` see no tensor that requires grad, so they build no graph.
         if args:
@@ -84,10 +95,13 @@ def run_pass(
         for position, ref in enumerate(refs):
             handles.append(ref.module.register_forward_hook(make_forward_hook(position)))
         handles.append(blocks[first_layer].register_forward_pre_hook(start_graph, with_kwargs=True))
+        for layer, block in enumerate(blocks):
+            handles.append(block.register_forward_hook(make_block_check(layer)))
         with _progress(sum(len(batch.index) for batch in batches), desc, quiet) as bar:
             for batch in batches:
                 on_device = batch.to(device)
                 state["batch"], state["cache"] = batch, {}
+                state["first_bad_layer"] = torch.full((len(batch.index),), -1)
                 inputs.clear()
                 fired.clear()
                 with torch.enable_grad():
@@ -97,9 +111,12 @@ def run_pass(
                     losses = per_sample_loss(logits, on_device.labels)
                     bad = ~torch.isfinite(losses)
                     if bool(bad.any()):
-                        sample = int(batch.index[bad.nonzero()[0, 0]])
+                        row = int(bad.nonzero()[0, 0])
+                        sample = int(batch.index[row])
                         name = sample_names(sample) if sample_names else f"sample {sample}"
-                        raise NonFiniteGradient(f"non-finite loss for {name}")
+                        layer = int(state["first_bad_layer"][row])
+                        where = f" (first non-finite activations at the output of layer {layer})" if layer >= 0 else ""
+                        raise NonFiniteGradient(f"non-finite loss for {name}{where}")
                     del logits
                     losses.sum().backward()
                 for position in range(len(refs)):
