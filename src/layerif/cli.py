@@ -91,6 +91,163 @@ def demo(
 
 
 # ---- pruning commands (layerif allocate sparsity, layerif prune, layerif evaluate) ----
+_SPARSITY_ALLOCATIONS = "layerif, reversed, uniform, owl, alphapruning, or a JSON file with one ratio per block"
+
+
+def _print_ratios(plan, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("block", justify="right")
+    if plan.metric is not None:
+        table.add_column(plan.metric_name or "metric", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_column("params", justify="right")
+    for block, ratio in enumerate(plan.block_ratios):
+        metric = [f"{plan.metric[block]:.4g}"] if plan.metric is not None else []
+        table.add_row(str(block), *metric, f"{ratio:.4f}", f"{plan.block_params[block]:,}")
+    Console().print(table)
+    clipped = f"; clipped at 0.99 and re-balanced: blocks {plan.clipped}" if plan.clipped else ""
+    typer.echo(f"mean sparsity (parameter-weighted): {plan.mean_sparsity:.6f}{clipped}")
+
+
+@allocate_app.command("sparsity")
+def allocate_sparsity_command(
+    sparsity: float = typer.Option(..., "--sparsity", help="Target parameter-weighted mean sparsity, inside (0, 1)."),
+    scores: str | None = typer.Option(None, "--scores", help="Run folder of `layerif score` (for layerif/reversed)."),
+    allocation: str = typer.Option("layerif", "--allocation", help=_SPARSITY_ALLOCATIONS),
+    epsilon: float = typer.Option(0.3, "--epsilon", help="Spread of the linear map: ratios span (1 ± ε) before rescaling."),
+    score: str = typer.Option("S_pos", "--score", help="Layer score: S_pos, S_top25 or S_all."),
+    no_smooth: bool = typer.Option(False, "--no-smooth", help="Skip the Savitzky-Golay (7, 3) smoothing."),
+    model: str | None = typer.Option(None, "--model", help="Model whose block sizes weight the mean (needed for owl/alphapruning)."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration text for owl."),
+    calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences (owl)."),
+    calib_length: int | None = typer.Option(None, "--calib-length", help="Tokens per calibration sequence (default min(2048, context))."),
+    out: str | None = typer.Option(None, "--out", help="Folder for ratios.json (default: the --scores folder)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No table."),
+) -> None:
+    """Turn layer scores (or a baseline metric) into per-block pruning ratios; writes ratios.json."""
+    from pathlib import Path
+
+    from layerif.allocate.sparsity import (
+        allocate_from_scores,
+        allocate_sparsity,
+        check_epsilon,
+        check_sparsity,
+    )
+    from layerif.errors import LayerIFError
+    from layerif.scores import LayerScores
+
+    check_sparsity(sparsity)
+    check_epsilon(epsilon)
+    if out is None and scores is None:
+        raise LayerIFError("pass --out (or --scores, whose folder then receives ratios.json)")
+    loaded_scores = LayerScores.load(scores) if scores is not None else None
+    if model is None:
+        if allocation not in ("layerif", "reversed"):
+            raise LayerIFError(f"--allocation {allocation} needs --model")
+        if loaded_scores is None:
+            raise LayerIFError(f"--allocation {allocation} needs --scores")
+        plan = allocate_from_scores(loaded_scores, sparsity, epsilon, score, not no_smooth, allocation == "reversed")
+    else:
+        from layerif.calibration import calibration_ids, default_length
+        from layerif.models import load_model
+
+        loaded = load_model(model, quiet=True)
+        calib_ids = None
+        if allocation == "owl":
+            if calib is None:
+                raise LayerIFError("--allocation owl needs --calib")
+            calib_ids = calibration_ids(calib, loaded.tokenizer, calib_sequences,
+                                        calib_length or default_length(loaded.model))
+        plan = allocate_sparsity(loaded.model, allocation, sparsity, scores=loaded_scores, score_name=score,
+                                 epsilon=epsilon, smooth_scores=not no_smooth, calib_ids=calib_ids, quiet=quiet)
+    path = plan.save(Path(out if out is not None else scores) / "ratios.json")
+    if not quiet:
+        _print_ratios(plan, f"{plan.allocation} sparsity ratios (target {sparsity})")
+    typer.echo(f"wrote {path}")
+
+
+@app.command("prune")
+def prune_command(
+    model: str = typer.Option(..., "--model", help="Hub id, local model directory, .gguf file, or built-in name."),
+    method: str = typer.Option("wanda", "--method", help="magnitude, wanda or sparsegpt."),
+    sparsity: float = typer.Option(..., "--sparsity", help="Target parameter-weighted mean sparsity, inside (0, 1)."),
+    out: str = typer.Option(..., "--out", help="Folder for ratios.json, prune.json (and the model with --save-model)."),
+    allocation: str = typer.Option("uniform", "--allocation", help=_SPARSITY_ALLOCATIONS),
+    scores: str | None = typer.Option(None, "--scores", help="Run folder of `layerif score` (for layerif/reversed)."),
+    epsilon: float = typer.Option(0.3, "--epsilon", help="Spread ε of the linear map (layerif, reversed, alphapruning)."),
+    score: str = typer.Option("S_pos", "--score", help="Layer score: S_pos, S_top25 or S_all."),
+    no_smooth: bool = typer.Option(False, "--no-smooth", help="Skip the Savitzky-Golay (7, 3) smoothing."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration text (.txt, or JSONL/JSON/CSV rows)."),
+    calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences."),
+    calib_length: int | None = typer.Option(None, "--calib-length", help="Tokens per sequence (default min(2048, context))."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random calibration windows."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration sequences per forward."),
+    save_model: bool = typer.Option(False, "--save-model", help="Also save the pruned model (save_pretrained) into --out."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (default: the checkpoint's)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: where the model loads)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
+) -> None:
+    """Prune MODEL's block matrices to per-block ratios with magnitude, Wanda or SparseGPT."""
+    from pathlib import Path
+
+    from layerif.prune.pipeline import PruneJob, run_prune
+
+    job = PruneJob(model=model, allocation=allocation, method=method, sparsity=sparsity, out=out, scores=scores,
+                   score_name=score, epsilon=epsilon, smooth=not no_smooth, calib=calib,
+                   calib_sequences=calib_sequences, calib_length=calib_length, seed=seed, batch_size=batch_size,
+                   save_model=save_model, dtype=dtype, device=device, quiet=quiet)
+    plan, report = run_prune(job)
+    if not quiet:
+        _print_ratios(plan, f"{method} with {plan.allocation} ratios")
+    typer.echo(f"measured sparsity {report.overall:.4f} (largest per-matrix deviation {report.max_deviation:.2e}); "
+               f"wrote {Path(out) / 'ratios.json'} and prune.json" + (" and the model" if save_model else ""))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: str = typer.Option(..., "--model", help="Model folder (e.g. a pruned --out), hub id, .gguf or built-in name."),
+    ppl: str | None = typer.Option(None, "--ppl", help="Text file for perplexity (e.g. WikiText-2 test.txt)."),
+    ppl_length: int | None = typer.Option(None, "--ppl-length", help="Window length (default min(2048, context))."),
+    ppl_windows: int | None = typer.Option(None, "--ppl-windows", help="Score only the first N windows."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma list of task names or JSONL files, e.g. boolq,arc_easy,rte."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder holding zeroshot/<task>/test.jsonl and moe/<task>/."),
+    limit: int | None = typer.Option(None, "--limit", help="First N rows of each task."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Requests per forward."),
+    out: str | None = typer.Option(None, "--out", help="Folder for eval.json (default: --model when it is a folder)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (default: the checkpoint's)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ..."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Perplexity and zero-shot accuracy (lm-evaluation-harness, local task files); writes eval.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from layerif.evaluate.run import EvalJob, run_evaluate
+
+    task_list = [task.strip() for task in tasks.split(",") if task.strip()] if tasks else None
+    job = EvalJob(model=model, ppl=ppl, ppl_length=ppl_length, ppl_windows=ppl_windows, tasks=task_list,
+                  data_dir=data_dir, limit=limit, batch_size=batch_size, out=out, dtype=dtype, device=device,
+                  quiet=quiet)
+    result, path = run_evaluate(job)
+    table = Table(title=f"evaluation of {model}")
+    for column in ("measure", "value", "stderr", "n"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+    if "perplexity" in result:
+        p = result["perplexity"]
+        table.add_row("perplexity", f"{p['perplexity']:.2f}", "", f"{p['windows']}×{p['length']}")
+    if "zeroshot" in result:
+        for name, entry in result["zeroshot"]["tasks"].items():
+            table.add_row(f"{name} acc", f"{entry['acc']:.4f}", f"{entry['acc_stderr']:.4f}", str(entry["n"]))
+        z = result["zeroshot"]
+        table.add_row("mean acc", f"{z['mean_acc']:.4f}", f"{z['mean_acc_stderr']:.4f}", "")
+    Console().print(table)
+    if path is not None:
+        typer.echo(f"wrote {path}")
+
+
 # ---- end pruning commands ----
 
 
