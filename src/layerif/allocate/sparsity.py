@@ -314,9 +314,14 @@ def allocate_sparsity(
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
     batch_size: int = 8,
+    alpha=None,
+    outlier=None,
     quiet: bool = True,
 ) -> SparsityAllocation:
-    """Per-block and per-matrix ratios for `model` (`scores`: LayerScores or an array; `calib_ids` for OWL)."""
+    """Per-block and per-matrix ratios for `model` (`scores`: LayerScores or an array; `calib_ids` for OWL).
+
+    `alpha` / `outlier` take precomputed PL_Alpha_Hill / OWL values per block (they are computed when absent).
+    """
     from layerif.models import find_blocks, select_matrices
 
     if score_name not in AGGREGATIONS:
@@ -324,7 +329,7 @@ def allocate_sparsity(
     per_block = select_matrices(model, modules=modules)
     block_params = [sum(ref.n_params for ref in refs) for refs in per_block]
     arguments: dict = {"sparsity": sparsity, "modules": modules}
-    alpha = outlier = score_values = None
+    score_values = None
     if is_ratio_file(allocation):
         ratios = read_ratio_list(allocation, len(per_block))
         metric_name = metric = unclipped = None
@@ -341,18 +346,19 @@ def allocate_sparsity(
             from layerif.allocate.metrics import block_alpha_hill
 
             check_sparsity(sparsity)
-            alpha = block_alpha_hill(model, modules=modules, quiet=quiet)
+            if alpha is None:
+                alpha = block_alpha_hill(model, modules=modules, quiet=quiet)
             arguments.update(epsilon=epsilon, fit="xmin_peak")
         elif allocation == "owl":
-            if calib_ids is None:
-                raise LayerIFError("the owl allocation needs calibration text (--calib)")
-            from layerif.allocate.metrics import owl_outlier_ratios
-
             check_sparsity(sparsity)
-            outlier = owl_outlier_ratios(model, calib_ids, m=owl_m, modules=modules, batch_size=batch_size,
-                                         quiet=quiet)
-            arguments.update(owl_m=owl_m, owl_lambda=owl_lambda, calib_sequences=int(calib_ids.shape[0]),
-                             calib_length=int(calib_ids.shape[1]))
+            if outlier is None:
+                if calib_ids is None:
+                    raise LayerIFError("the owl allocation needs calibration text (--calib)")
+                from layerif.allocate.metrics import owl_outlier_ratios
+
+                outlier = owl_outlier_ratios(model, calib_ids, m=owl_m, modules=modules, batch_size=batch_size,
+                                             quiet=quiet)
+            arguments.update(owl_m=owl_m, owl_lambda=owl_lambda)
         ratios, metric_name, metric, unclipped = block_ratios(
             allocation, sparsity, block_params, scores=score_values, epsilon=epsilon,
             smooth_scores=smooth_scores, alpha=alpha, outlier=outlier, owl_lambda=owl_lambda)
