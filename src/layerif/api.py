@@ -118,8 +118,35 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def score_layers(model: nn.Module, tokenizer, train, val, config: ScoreConfig | None = None) -> LayerScores:
-    """Per-layer LayerIF influence of `train` rows (dicts or strings) on the loss of `val` rows."""
+def run_fingerprint(model: nn.Module, config: ScoreConfig, train_encoded, val_encoded) -> dict:
+    """What decides a run's numbers: config, model identity and the exact token ids scored."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for encoded in (train_encoded, val_encoded):
+        for ids in encoded.input_ids:
+            digest.update(ids.numpy().tobytes())
+            digest.update(b"|")
+    first = next(model.parameters())
+    settings = {k: v for k, v in asdict(config).items() if k not in ("quiet", "max_memory", "strategy")}
+    return {
+        "config": settings,
+        "model": {"class": type(model).__name__, "name": getattr(getattr(model, "config", None), "_name_or_path", ""),
+                  "parameters": sum(p.numel() for p in model.parameters()), "dtype": str(first.dtype),
+                  "probe": float(first.detach().double().sum())},
+        "data": digest.hexdigest(),
+    }
+
+
+def score_layers(
+    model: nn.Module, tokenizer, train, val, config: ScoreConfig | None = None,
+    checkpoint_dir: str | None = None, restart: bool = False,
+) -> LayerScores:
+    """Per-layer LayerIF influence of `train` rows (dicts or strings) on the loss of `val` rows.
+
+    With `checkpoint_dir`, finished layers / passes are saved there and a later call with the same
+    model, data and config continues from them (`restart=True` discards them).
+    """
     from layerif.data.loading import select_rows
 
     config = config or ScoreConfig()
@@ -145,6 +172,12 @@ def score_layers(model: nn.Module, tokenizer, train, val, config: ScoreConfig | 
             finetune_lora(wrapped, train_batches, config.finetune_epochs, config.finetune_lr, config.seed, config.quiet)
         timings["finetune_s"] = time.perf_counter() - started
     scored_model = wrapped if wrapped is not None else model
+    checkpoint = None
+    if checkpoint_dir is not None:
+        from layerif.checkpoint import Checkpoint
+
+        fingerprint = run_fingerprint(scored_model, config, train_encoded, val_encoded)
+        checkpoint = Checkpoint(checkpoint_dir, fingerprint).open(overwrite=restart)
     was_training = scored_model.training
     scored_model.eval()
     try:
@@ -160,17 +193,25 @@ def score_layers(model: nn.Module, tokenizer, train, val, config: ScoreConfig | 
         largest_batch = max(int(batch.input_ids.numel()) for batch in train_batches)
         vocab = getattr(getattr(scored_model, "config", None), "vocab_size", 0) or 0
         working = working_bytes(per_layer, largest_batch, vocab, elem)
+        from layerif.influence.engine import layer_unit
+
+        remaining = [layer for layer in range(len(per_layer))
+                     if checkpoint is None or not checkpoint.has(layer_unit(layer))]
         plan = plan_passes(
-            config.estimator, config.pairwise, layer_bytes, max(budget - working, 1),
-            None if config.strategy == "auto" else config.strategy,
+            config.estimator, config.pairwise, [layer_bytes[layer] for layer in remaining] or [0],
+            max(budget - working, 1), None if config.strategy == "auto" else config.strategy,
         )
+        plan.groups = [[remaining[i] for i in group] for group in plan.groups] if remaining else []
+        if not remaining:
+            plan.mode, plan.reason = "store", "every layer was already in the checkpoint"
+        plan.passes = len(plan.groups) if plan.mode == "store" else (plan.passes if remaining else 0)
         plan.budget_bytes = budget
         compute_dtype = torch.float64 if config.compute_dtype == "float64" else torch.float32
         started = time.perf_counter()
         result = compute_influence(
             scored_model, per_layer, train_batches, val_batches, len(train_rows), len(val_rows),
             config.estimator, config.pairwise, plan, compute_dtype, config.quiet,
-            kernel_bytes=max(min(budget // 4, 4 << 30), 64 << 20),
+            kernel_bytes=max(min(budget // 4, 4 << 30), 64 << 20), checkpoint=checkpoint,
         )
         timings["influence_s"] = time.perf_counter() - started
     finally:
@@ -194,6 +235,8 @@ def score_layers(model: nn.Module, tokenizer, train, val, config: ScoreConfig | 
         "config": asdict(config),
         "plan": plan.to_dict(),
         "train_passes": result.train_passes,
+        "resumed": None if checkpoint is None or not checkpoint.loaded else {
+            "units_loaded": checkpoint.loaded, "units_recomputed": checkpoint.recomputed},
         "timings": timings,
         "damping": result.damping,
         "peak_rss_bytes": peak_rss_bytes(),

@@ -18,6 +18,7 @@ from layerif.io import atomic_write_json
 from layerif.scores import LayerScores
 
 OUTPUT_FILES = ("layer_scores.csv", "influence.safetensors", "layer_scores.png", "run.json")
+CHECKPOINT_DIR = ".checkpoint"  # inside --out while a run is unfinished; removed once its outputs are in place
 
 
 @dataclass
@@ -55,9 +56,12 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     """Refuse an output directory that already holds another run, unless overwriting."""
     if out.exists() and not out.is_dir():
         raise LayerIFError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "another run" if (out / "run.json").exists() else "other files"
-        raise LayerIFError(f"--out {out} already holds {what}; pass --overwrite or choose another directory")
+    if not out.is_dir() or overwrite:
+        return
+    if (out / "run.json").exists():
+        raise LayerIFError(f"--out {out} already holds another run; pass --overwrite or choose another directory")
+    if any(entry.name != CHECKPOINT_DIR for entry in out.iterdir()):
+        raise LayerIFError(f"--out {out} already holds other files; pass --overwrite or choose another directory")
 
 
 def _data_info(source: str | None, split: str | None) -> dict:
@@ -102,7 +106,8 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
     device = run.device or ("cuda" if _cuda_available() else "cpu")
     loaded = load_model(run.model, run.gguf_file, run.dtype, device, quiet=run.config.quiet)
     timings["load_model_s"] = time.perf_counter() - clock
-    scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config)
+    scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config,
+                          checkpoint_dir=str(out / CHECKPOINT_DIR), restart=run.overwrite)
     timings.update(scores.metadata.pop("timings", {}))
 
     clock = time.perf_counter()
@@ -131,6 +136,7 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
                      "train_tokens": scores.metadata.get("train_tokens"), "val_tokens": scores.metadata.get("val_tokens")},
             "plan": scores.metadata.get("plan"),
             "passes": scores.metadata.get("train_passes"),
+            "resumed": scores.metadata.get("resumed"),
             "timings_s": {key: round(value, 3) for key, value in timings.items()},
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_gpu_bytes": scores.metadata.get("peak_gpu_bytes"),
@@ -139,6 +145,7 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
         }
         atomic_write_json(staging / "run.json", record)
         _publish(staging, out)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return scores, out
@@ -150,6 +157,9 @@ def _publish(staging: Path, out: Path) -> None:
         os.replace(staging, out)
         return
     (out / "run.json").unlink(missing_ok=True)
+    for stale in OUTPUT_FILES:  # an overwritten run's files must not mix with the new ones
+        if not (staging / stale).exists():
+            (out / stale).unlink(missing_ok=True)
     for name in OUTPUT_FILES:
         if name != "run.json" and (staging / name).exists():
             os.replace(staging / name, out / name)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from layerif.checkpoint import Checkpoint
 from layerif.data.tokens import Batch
 from layerif.gradients.factors import FactorChunk, MatrixFactors, chunk_sq_norms, chunk_weighted_sum
 from layerif.gradients.passes import run_pass
@@ -49,33 +50,76 @@ def compute_influence(
     compute_dtype: torch.dtype = torch.float32,
     quiet: bool = False,
     kernel_bytes: int = 1 << 30,
-    on_group_done: Callable[[list[int]], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> InfluenceResult:
-    """Influence of each training sample through each selected matrix, following `plan`."""
+    """Influence of each training sample through each selected matrix, following `plan`.
+
+    Layers already saved in `checkpoint` are loaded instead of computed (the plan should cover only
+    the others); each finished layer, and each finished streaming pass, is saved to it.
+    """
     influence: list[list[torch.Tensor | None]] = [[None] * len(refs) for refs in per_layer]
     damping_values: list[list[float]] = [[0.0] * len(refs) for refs in per_layer]
     pair: list[torch.Tensor | None] | None = [None] * len(per_layer) if pairwise else None
+    planned = {layer for group in plan.groups for layer in group}
+    for layer in range(len(per_layer)):
+        if layer in planned:
+            continue
+        if checkpoint is None or not checkpoint.has(layer_unit(layer)):
+            raise RuntimeError(f"layer {layer} is neither planned nor checkpointed")
+        saved = checkpoint.load(layer_unit(layer))
+        influence[layer] = list(saved["influence"].double().unbind(0))
+        damping_values[layer] = saved["damping"].double().tolist()
+        if pair is not None:
+            pair[layer] = saved["pairwise"].double()
+
+    def save_layer(layer: int) -> None:
+        if checkpoint is None:
+            return
+        tensors = {"influence": torch.stack(influence[layer]), "damping": torch.tensor(damping_values[layer])}
+        if pair is not None:
+            tensors["pairwise"] = pair[layer]
+        checkpoint.save(layer_unit(layer), tensors)
     train_name = lambda i: f"training sample {i}"  # noqa: E731
     val_name = lambda i: f"validation sample {i}"  # noqa: E731
 
     if plan.mode == "stream":
-        refs = [ref for layer in plan.groups[0] for ref in per_layer[layer]]
+        layers = plan.groups[0]
+        refs = [ref for layer in layers for ref in per_layer[layer]]
+        first_layer = min(layers)
         stream = StreamingInfluence(estimator, [(r.d_out, r.d_in) for r in refs], n_train, compute_dtype)
         total = stream.passes
-        run_pass(model, val_batches, refs, stream.consume_val, 0, "validation gradients", quiet, val_name)
-        run_pass(model, train_batches, refs, stream.consume_first, 0, f"pass 1/{total} (norms, g.v)", quiet,
-                 train_name)
+        key = "stream-" + "-".join(map(str, layers)) if len(layers) < 8 else f"stream-{min(layers)}-{max(layers)}-{len(layers)}"
+        if checkpoint is not None and checkpoint.has(f"{key}-pass1"):
+            saved = checkpoint.load(f"{key}-pass1")
+            stream.sq, stream.gv = saved["sq"].double(), saved["gv"].double()
+        else:
+            run_pass(model, val_batches, refs, stream.consume_val, first_layer, "validation gradients", quiet,
+                     val_name)
+            run_pass(model, train_batches, refs, stream.consume_first, first_layer, f"pass 1/{total} (norms, g.v)",
+                     quiet, train_name)
+            if checkpoint is not None and estimator != "identity":
+                checkpoint.save(f"{key}-pass1", {"sq": stream.sq, "gv": stream.gv})
+        stream.v = [None] * len(refs)  # not needed after pass 1
         if estimator != "identity":
             stream.finish_first()
-            run_pass(model, train_batches, refs, stream.consume_second, 0, f"pass 2/{total} (sum c g)", quiet,
-                     train_name)
-            run_pass(model, train_batches, refs, stream.consume_third, 0, f"pass 3/{total} (g.u)", quiet,
+            if checkpoint is not None and checkpoint.has(f"{key}-pass2"):
+                saved = checkpoint.load(f"{key}-pass2")
+                device = next(model.parameters()).device
+                stream.u = [saved[f"u.{i}"].to(device) for i in range(len(refs))]
+            else:
+                run_pass(model, train_batches, refs, stream.consume_second, first_layer,
+                         f"pass 2/{total} (sum c g)", quiet, train_name)
+                if checkpoint is not None:
+                    checkpoint.save(f"{key}-pass2", {f"u.{i}": u for i, u in enumerate(stream.u)})
+            run_pass(model, train_batches, refs, stream.consume_third, first_layer, f"pass 3/{total} (g.u)", quiet,
                      train_name)
         values = stream.influence()
         for position, ref in enumerate(refs):
             slot = per_layer[ref.layer].index(ref)
             influence[ref.layer][slot] = values[position]
             damping_values[ref.layer][slot] = float(stream.lam[position])
+        for layer in layers:
+            save_layer(layer)
         return InfluenceResult(influence, None, damping_values, total)
 
     for group_number, group in enumerate(plan.groups):
@@ -123,6 +167,11 @@ def compute_influence(
             train_factors[position] = None  # free as we go
             if val_factors is not None:
                 val_factors[position] = None
-        if on_group_done is not None:
-            on_group_done(group)
-    return InfluenceResult(influence, pair, damping_values, len(plan.groups))
+        for layer in group:
+            save_layer(layer)
+    return InfluenceResult(influence, pair, damping_values, len(plan.groups) if plan.mode == "store" else 0)
+
+
+def layer_unit(layer: int) -> str:
+    """Checkpoint unit name of one finished layer."""
+    return f"layer-{layer:04d}"
