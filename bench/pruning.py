@@ -46,6 +46,12 @@ PRESETS = {
                  limit=500, sparsities=(0.5, 0.6, 0.7), epsilons=(0.1, 0.3), sweep_epsilons=(),
                  methods=("magnitude", "wanda", "sparsegpt"), full_grid_methods=("magnitude", "wanda", "sparsegpt"),
                  baseline_sparsities=(0.5, 0.6, 0.7)),
+    # DESIGN §5 reference setting (128 x 512 calibration), perplexity only, the configurations it quotes
+    "reference": dict(n_train=16, n_val=4, calib_sequences=128, calib_length=512, ppl_windows=200, ppl_length=512,
+                      limit=0, sparsities=(0.5, 0.7), epsilons=(0.3,), sweep_epsilons=(),
+                      methods=("magnitude", "wanda", "sparsegpt"), full_grid_methods=(),
+                      baseline_sparsities=(0.5, 0.7), extra=((0.7, "wanda", "alphapruning", 0.3),
+                                                             (0.7, "wanda", "owl", None))),
 }
 FIELDS = ["sparsity", "method", "allocation", "epsilon", "ppl", "mean_acc", "mean_acc_stderr",
           *[f"acc_{t}" for t in EVAL_TASKS], *[f"stderr_{t}" for t in EVAL_TASKS], "measured_sparsity",
@@ -79,7 +85,7 @@ def grid(preset: dict) -> list[Config]:
             if method in preset["full_grid_methods"] and sparsity == max(preset["sparsities"]):
                 configs += [Config(sparsity, method, allocation, eps) for eps in preset["sweep_epsilons"]
                             for allocation in ("layerif", "reversed")]
-    return configs
+    return configs + [Config(*extra) for extra in preset.get("extra", ())]
 
 
 def task_scores(model, tokenizer, preset: dict, resume: bool) -> dict[str, np.ndarray]:
@@ -105,6 +111,12 @@ def task_scores(model, tokenizer, preset: dict, resume: bool) -> dict[str, np.nd
     return result
 
 
+def alpha_blocks(model) -> list:
+    from layerif.models import find_blocks
+
+    return list(find_blocks(model)[1])
+
+
 def combined_profile(per_task: dict[str, np.ndarray]) -> np.ndarray:
     """Mean over tasks of min-max normalised |S_pos| (each task weighs the same)."""
     from layerif.scores import minmax
@@ -118,6 +130,9 @@ def evaluate(model, tokenizer, preset: dict) -> dict:
 
     ppl = perplexity(model, tokenizer, DATA / "text" / "wikitext2" / "test.txt", preset["ppl_length"],
                      preset["ppl_windows"], batch_size=4, quiet=True)
+    if not preset["limit"]:  # perplexity only
+        return {"ppl": ppl["perplexity"], "mean_acc": math.nan, "mean_acc_stderr": math.nan,
+                **{f"{kind}_{task}": math.nan for kind in ("acc", "stderr") for task in EVAL_TASKS}}
     zero = zeroshot_accuracy(model, tokenizer, EVAL_TASKS, DATA, preset["limit"], batch_size=16, quiet=True)
     row = {"ppl": ppl["perplexity"], "mean_acc": zero["mean_acc"], "mean_acc_stderr": zero["mean_acc_stderr"]}
     for task in EVAL_TASKS:
@@ -151,6 +166,8 @@ def row_key(row: dict) -> tuple:
 
 
 def fmt_acc(row: dict) -> str:
+    if math.isnan(float(row["mean_acc"])):
+        return "—"
     return f"{100 * float(row['mean_acc']):.2f} ± {100 * float(row['mean_acc_stderr']):.2f}"
 
 
@@ -207,13 +224,16 @@ def write_report(rows: list[dict], dense: dict, preset_name: str, preset: dict, 
              "|---|---|---|---|---|---|" + "---|" * len(EVAL_TASKS) + "---|---|"]
     for row in rows:
         eps = "" if row["epsilon"] == "" else f"{float(row['epsilon']):g}"
-        tasks = " | ".join(f"{100 * float(row[f'acc_{t}']):.1f}" for t in EVAL_TASKS)
+        tasks = " | ".join("—" if math.isnan(float(row[f"acc_{t}"])) else f"{100 * float(row[f'acc_{t}']):.1f}"
+                           for t in EVAL_TASKS)
         lines.append(f"| {float(row['sparsity']):g} | {row['method']} | {row['allocation']} | {eps} | "
                      f"{float(row['ppl']):.1f} | {fmt_acc(row)} | {tasks} | "
                      f"{float(row['min_ratio']):.3f}–{float(row['max_ratio']):.3f} | {row['clipped_blocks'] or '—'} |")
     top = max(float(r["sparsity"]) for r in rows)
-    lines += ["", f"## LayerIF against each baseline at {top:g} sparsity", "", *verdict(rows, top), "",
-              "## Per-block inputs of the allocations", "",
+    verdict_lines = verdict(rows, top)
+    if verdict_lines:
+        lines += ["", f"## LayerIF against each baseline at {top:g} sparsity", "", *verdict_lines]
+    lines += ["", "## Per-block inputs of the allocations", "",
               "| block | LayerIF profile (mean normalised S_pos) | PL_Alpha_Hill | OWL outlier ratio (%) |",
               "|---|---|---|---|"]
     lines += [f"| {i} | {profile[i]:.3f} | {alpha[i]:.3f} | {100 * outlier[i]:.3f} |" for i in range(len(profile))]
@@ -243,6 +263,8 @@ def write_report(rows: list[dict], dense: dict, preset_name: str, preset: dict, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="The small preset (the committed results).")
+    parser.add_argument("--reference", action="store_true",
+                        help="Perplexity only, DESIGN §5 reference setting (128 x 512 calibration, 200 windows).")
     parser.add_argument("--resume", action="store_true", help="Skip configurations already in the CSV.")
     parser.add_argument("--tag", default="", help="Suffix of the result files.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads.")
@@ -250,10 +272,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not (DATA / "zeroshot").is_dir():
         sys.exit(f"benchmark data not found at {DATA}")
-    preset_name = "quick" if args.quick else "full"
+    preset_name = "reference" if args.reference else "quick" if args.quick else "full"
     preset = PRESETS[preset_name]
-    tag = args.tag or ("" if args.quick else "_full")
-    command = "python bench/pruning.py" + (" --quick" if args.quick else "") + (f" --tag {args.tag}" if args.tag else "")
+    tag = args.tag or {"quick": "", "full": "_full", "reference": "_reference"}[preset_name]
+    command = ("python bench/pruning.py" + {"quick": " --quick", "full": "", "reference": " --reference"}[preset_name]
+               + (f" --tag {args.tag}" if args.tag else ""))
 
     from layerif.allocate.metrics import block_alpha_hill, owl_outlier_ratios
     from layerif.allocate.sparsity import allocate_sparsity
@@ -270,7 +293,10 @@ def main() -> None:
     rows = read_rows(csv_path) if args.resume else []
     done = {row_key(r) for r in rows}
 
-    profile = combined_profile(task_scores(model, tokenizer, preset, args.resume))
+    needs_scores = any(c.allocation in ("layerif", "reversed") for c in grid(preset))
+    n_blocks = len(alpha_blocks(model))
+    profile = (combined_profile(task_scores(model, tokenizer, preset, args.resume)) if needs_scores
+               else np.full(n_blocks, math.nan))
     model.load_state_dict(dense_state)
     calib = calibration_ids(DATA / "text" / "wikitext2" / "valid.txt", tokenizer, preset["calib_sequences"],
                             preset["calib_length"], seed=0)
