@@ -91,11 +91,15 @@ def _texts(rows, what: str) -> list[str]:
     return texts
 
 
-def _length_sorted_batches(encoded, batch_size: int, pad_id: int):
+def _length_sorted_batches(encoded, batch_size: int, pad_id: int, subset: list[int] | None = None):
     """Batches of similar length (less padding); each batch keeps its samples' original numbers."""
     from layerif.data.tokens import EncodedSet
 
     order = torch.argsort(encoded.lengths, descending=True, stable=True)
+    if subset is not None:
+        keep = torch.zeros(len(encoded), dtype=torch.bool)
+        keep[subset] = True
+        order = order[keep[order]]
     reordered = EncodedSet([encoded.input_ids[i] for i in order.tolist()])
     batches = make_batches(reordered, batch_size, pad_id)
     for batch in batches:
@@ -147,10 +151,15 @@ def score_layers(
     With `checkpoint_dir`, finished layers / passes are saved there and a later call with the same
     model, data and config continues from them (`restart=True` discards them).
     """
+    from layerif import distributed
     from layerif.data.loading import select_rows
 
     config = config or ScoreConfig()
     config.validate()
+    dist = distributed.current()
+    if dist.enabled and (config.estimator == "exact" or config.pairwise):
+        raise LayerIFError("data-parallel scoring supports datainf and identity without --pairwise; "
+                           "run exact or pairwise in one process")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     train_rows = select_rows(list(train), config.n_train, config.sample_seed, "training rows")
@@ -158,8 +167,11 @@ def score_layers(
     train_encoded = encode_texts(_texts(train_rows, "training"), tokenizer, config.max_length, "training sample")
     val_encoded = encode_texts(_texts(val_rows, "validation"), tokenizer, config.max_length, "validation sample")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_batches = _length_sorted_batches(train_encoded, config.batch_size, pad_id)
-    val_batches = _length_sorted_batches(val_encoded, config.batch_size, pad_id)
+    all_train_batches = _length_sorted_batches(train_encoded, config.batch_size, pad_id)
+    train_batches = _length_sorted_batches(train_encoded, config.batch_size, pad_id,
+                                           dist.shard(len(train_encoded)) if dist.enabled else None)
+    val_batches = _length_sorted_batches(val_encoded, config.batch_size, pad_id,
+                                         dist.shard(len(val_encoded)) if dist.enabled else None)
     timings["tokenize_s"] = time.perf_counter() - started
 
     wrapped = None
@@ -169,11 +181,12 @@ def score_layers(
         started = time.perf_counter()
         wrapped = attach_lora(model, config.modules, config.lora_rank, config.lora_alpha, config.seed)
         if config.finetune_epochs > 0:
-            finetune_lora(wrapped, train_batches, config.finetune_epochs, config.finetune_lr, config.seed, config.quiet)
+            # every rank fine-tunes on all samples with the same seed, so the adapters stay identical
+            finetune_lora(wrapped, all_train_batches, config.finetune_epochs, config.finetune_lr, config.seed, config.quiet)
         timings["finetune_s"] = time.perf_counter() - started
     scored_model = wrapped if wrapped is not None else model
     checkpoint = None
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and not dist.enabled:
         from layerif.checkpoint import Checkpoint
 
         fingerprint = run_fingerprint(scored_model, config, train_encoded, val_encoded)
@@ -185,12 +198,12 @@ def score_layers(
         device = next(scored_model.parameters()).device
         elem = next(scored_model.parameters()).element_size()
         budget = parse_bytes(config.max_memory) or default_budget(device)
-        shared = shared_inputs(scored_model, per_layer, train_batches[0])
+        shared = shared_inputs(scored_model, per_layer, all_train_batches[0])
         layer_bytes = estimate_factor_bytes(per_layer, train_batches, elem, shared)
         if config.pairwise:
             val_bytes = estimate_factor_bytes(per_layer, val_batches, elem, shared)
             layer_bytes = [a + b for a, b in zip(layer_bytes, val_bytes)]
-        largest_batch = max(int(batch.input_ids.numel()) for batch in train_batches)
+        largest_batch = max(int(batch.input_ids.numel()) for batch in all_train_batches)
         vocab = getattr(getattr(scored_model, "config", None), "vocab_size", 0) or 0
         working = working_bytes(per_layer, largest_batch, vocab, elem)
         from layerif.influence.engine import layer_unit
@@ -206,12 +219,13 @@ def score_layers(
             plan.mode, plan.reason = "store", "every layer was already in the checkpoint"
         plan.passes = len(plan.groups) if plan.mode == "store" else (plan.passes if remaining else 0)
         plan.budget_bytes = budget
+        plan = dist.broadcast_object(plan)  # every rank must run the same passes
         compute_dtype = torch.float64 if config.compute_dtype == "float64" else torch.float32
         started = time.perf_counter()
         result = compute_influence(
             scored_model, per_layer, train_batches, val_batches, len(train_rows), len(val_rows),
             config.estimator, config.pairwise, plan, compute_dtype, config.quiet,
-            kernel_bytes=max(min(budget // 4, 4 << 30), 64 << 20), checkpoint=checkpoint,
+            kernel_bytes=max(min(budget // 4, 4 << 30), 64 << 20), checkpoint=checkpoint, dist=dist,
         )
         timings["influence_s"] = time.perf_counter() - started
     finally:
@@ -240,6 +254,7 @@ def score_layers(
         "timings": timings,
         "damping": result.damping,
         "peak_rss_bytes": peak_rss_bytes(),
+        "world_size": dist.world_size,
         "n_train": n_train,
         "n_val": len(val_rows),
         "train_tokens": int(train_encoded.lengths.sum()),

@@ -61,6 +61,10 @@ def score(
     run = ScoreRun(model=model, train=train, val=val, out=out, gguf_file=gguf_file, train_split=train_split,
                    val_split=val_split, dtype=dtype, device=device, overwrite=overwrite, config=config)
     scores, path = run_score(run)
+    from layerif.distributed import current
+
+    if not current().is_main:  # data-parallel: rank 0 reports
+        return
     if not quiet:
         print_layer_table(scores, title=f"LayerIF layer scores ({estimator}, {params} space, {modules} modules)")
     typer.echo(describe(path))

@@ -103,12 +103,17 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
     train_rows, val_rows = _load_rows(run)
     timings["load_data_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    device = run.device or ("cuda" if _cuda_available() else "cpu")
+    from layerif import distributed
+
+    dist = distributed.current()
+    device = run.device or (f"cuda:{dist.local_rank}" if _cuda_available() else "cpu")
     loaded = load_model(run.model, run.gguf_file, run.dtype, device, quiet=run.config.quiet)
     timings["load_model_s"] = time.perf_counter() - clock
     scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config,
                           checkpoint_dir=str(out / CHECKPOINT_DIR), restart=run.overwrite)
     timings.update(scores.metadata.pop("timings", {}))
+    if not dist.is_main:  # rank 0 writes the outputs
+        return scores, out
 
     clock = time.perf_counter()
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"

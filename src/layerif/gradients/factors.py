@@ -47,7 +47,7 @@ def chunk_dots(x: torch.Tensor, delta: torch.Tensor, matrix: torch.Tensor) -> to
 
 def chunk_weighted_sum(x: torch.Tensor, delta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_i w_i g_i over a batch, as a (d_out, d_in) matrix."""
-    weighted = delta * weights.to(delta.dtype).view(-1, 1, 1)
+    weighted = delta * weights.to(device=delta.device, dtype=delta.dtype).view(-1, 1, 1)
     return weighted.reshape(-1, delta.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
 
@@ -67,10 +67,12 @@ class MatrixFactors:
     chunks: list[FactorChunk] = field(default_factory=list)
     sq_norms: torch.Tensor | None = None  # (n,), filled as chunks arrive
 
-    def add(self, chunk: FactorChunk, sq_norms: torch.Tensor) -> None:
-        """Append one batch's factors and the per-sample squared norms computed at capture time."""
+    def __post_init__(self) -> None:
         if self.sq_norms is None:
             self.sq_norms = torch.zeros(self.n, dtype=torch.float64)
+
+    def add(self, chunk: FactorChunk, sq_norms: torch.Tensor) -> None:
+        """Append one batch's factors and the per-sample squared norms computed at capture time."""
         self.sq_norms[chunk.index] = sq_norms.double().cpu()
         self.chunks.append(chunk)
 
@@ -96,6 +98,8 @@ class MatrixFactors:
             x, delta = self._cast(chunk)
             part = chunk_weighted_sum(x, delta, weights[chunk.index].to(self.compute_dtype))
             total = part if total is None else total + part
+        if total is None:  # no samples here (a data-parallel rank with an empty shard)
+            total = torch.zeros(self.d_out, self.d_in, dtype=self.compute_dtype)
         return total
 
     def materialised(self, max_bytes: int = 1 << 30) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from layerif.checkpoint import Checkpoint
 from layerif.data.tokens import Batch
+from layerif.distributed import DistContext
 from layerif.gradients.factors import FactorChunk, MatrixFactors, chunk_sq_norms, chunk_weighted_sum
 from layerif.gradients.passes import run_pass
 from layerif.gradients.plan import PassPlan
@@ -51,6 +52,7 @@ def compute_influence(
     quiet: bool = False,
     kernel_bytes: int = 1 << 30,
     checkpoint: Checkpoint | None = None,
+    dist: DistContext | None = None,
 ) -> InfluenceResult:
     """Influence of each training sample through each selected matrix, following `plan`.
 
@@ -60,6 +62,7 @@ def compute_influence(
     influence: list[list[torch.Tensor | None]] = [[None] * len(refs) for refs in per_layer]
     damping_values: list[list[float]] = [[0.0] * len(refs) for refs in per_layer]
     pair: list[torch.Tensor | None] | None = [None] * len(per_layer) if pairwise else None
+    dist = dist or DistContext()
     planned = {layer for group in plan.groups for layer in group}
     for layer in range(len(per_layer)):
         if layer in planned:
@@ -95,8 +98,15 @@ def compute_influence(
         else:
             run_pass(model, val_batches, refs, stream.consume_val, first_layer, "validation gradients", quiet,
                      val_name)
+            for position, ref in enumerate(refs):
+                if stream.v[position] is None:
+                    stream.v[position] = torch.zeros(ref.d_out, ref.d_in, dtype=compute_dtype,
+                                                     device=next(model.parameters()).device)
+                stream.v[position] = dist.all_reduce_sum(stream.v[position])
             run_pass(model, train_batches, refs, stream.consume_first, first_layer, f"pass 1/{total} (norms, g.v)",
                      quiet, train_name)
+            dist.all_reduce_sum(stream.sq)
+            dist.all_reduce_sum(stream.gv)
             if checkpoint is not None and estimator != "identity":
                 checkpoint.save(f"{key}-pass1", {"sq": stream.sq, "gv": stream.gv})
         stream.v = [None] * len(refs)  # not needed after pass 1
@@ -109,10 +119,16 @@ def compute_influence(
             else:
                 run_pass(model, train_batches, refs, stream.consume_second, first_layer,
                          f"pass 2/{total} (sum c g)", quiet, train_name)
+                for position, ref in enumerate(refs):
+                    if stream.u[position] is None:
+                        stream.u[position] = torch.zeros(ref.d_out, ref.d_in, dtype=compute_dtype,
+                                                         device=next(model.parameters()).device)
+                    stream.u[position] = dist.all_reduce_sum(stream.u[position])
                 if checkpoint is not None:
                     checkpoint.save(f"{key}-pass2", {f"u.{i}": u for i, u in enumerate(stream.u)})
             run_pass(model, train_batches, refs, stream.consume_third, first_layer, f"pass 3/{total} (g.u)", quiet,
                      train_name)
+            dist.all_reduce_sum(stream.gu)
         values = stream.influence()
         for position, ref in enumerate(refs):
             slot = per_layer[ref.layer].index(ref)
@@ -146,6 +162,12 @@ def compute_influence(
 
         run_pass(model, val_batches, refs, consume_val, first_layer, f"{label} validation", quiet, val_name)
         run_pass(model, train_batches, refs, consume_train, first_layer, f"{label} training", quiet, train_name)
+        device = next(model.parameters()).device
+        for position, ref in enumerate(refs):
+            if val_sum[position] is None:
+                val_sum[position] = torch.zeros(ref.d_out, ref.d_in, dtype=compute_dtype, device=device)
+            val_sum[position] = dist.all_reduce_sum(val_sum[position])
+            dist.all_reduce_sum(train_factors[position].sq_norms)
         from tqdm.auto import tqdm
 
         for position, ref in enumerate(tqdm(refs, desc=f"{label} {estimator}", disable=quiet, leave=False,
@@ -157,7 +179,8 @@ def compute_influence(
                 val_each[index] = grads
                 val_each = val_each.view(n_val, ref.d_out, ref.d_in)
             values, values_pair, lam = influence_from_factors(
-                estimator, train_factors[position], val_sum[position], val_each, max_bytes=kernel_bytes
+                estimator, train_factors[position], val_sum[position], val_each, max_bytes=kernel_bytes,
+                reduce=dist.all_reduce_sum,
             )
             slot = per_layer[ref.layer].index(ref)
             influence[ref.layer][slot] = values

@@ -32,12 +32,15 @@ def influence_from_factors(
     val_sum: torch.Tensor,
     val_each: torch.Tensor | None = None,
     max_bytes: int = 1 << 30,
+    reduce=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """(I (n,), I_pairwise (n, m) or None, lambda) for one matrix.
 
     val_sum is v_W = sum_j grad l(v_j) as (d_out, d_in); val_each the per-validation-sample gradients
-    (m, d_out, d_in), needed only for the pairwise matrix.
+    (m, d_out, d_in), needed only for the pairwise matrix. `reduce` sums a tensor over data-parallel
+    ranks when `train` holds only this rank's samples (zeros elsewhere); then sq_norms must be reduced.
     """
+    reduce = reduce or (lambda tensor: tensor)
     if estimator not in ESTIMATORS:
         raise LayerIFError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
     n = train.n
@@ -46,13 +49,14 @@ def influence_from_factors(
     lam = damping(sq, n_params)
     need_kernel = estimator == "exact" or val_each is not None
     if not need_kernel:
-        gv = train.dots(val_sum)
+        gv = reduce(train.dots(val_sum))
         if estimator == "identity":
             return -gv, None, lam
         if lam == 0.0:  # every gradient is zero: nothing flows through this matrix
             return torch.zeros(n, dtype=torch.float64), None, lam
         coefficients = _datainf_terms(gv, sq, lam)
-        correction = train.dots(train.weighted_sum(coefficients))  # = K c without forming K
+        # K c without forming K: u = sum_i c_i g_i, then g_i . u
+        correction = reduce(train.dots(reduce(train.weighted_sum(coefficients))))
         return -(gv - correction / n) / lam, None, lam
 
     stack = val_sum.unsqueeze(0) if val_each is None else torch.cat([val_sum.unsqueeze(0), val_each])
