@@ -105,3 +105,25 @@ def test_wrong_columns(setup, capsys):
 def test_console_script_runs_as_module(setup):
     done = subprocess.run([sys.executable, "-m", "layerif", "score", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--max-memory" in done.stdout
+
+
+def test_outputs_are_readable_by_others(setup):
+    import stat
+
+    out = setup / "run1"
+    if not out.exists():
+        assert run_cli(*score_args(setup, out)) == 0
+    mode = (out / "layer_scores.csv").stat().st_mode
+    assert mode & stat.S_IRGRP and mode & stat.S_IROTH
+
+
+def test_token_id_rows_equal_text_rows():
+    from layerif.api import ScoreConfig, score_layers
+    from tests.conftest import TinyTokenizer, tiny_llama, tiny_texts
+
+    tok = TinyTokenizer()
+    train, val = tiny_texts(6, seed=80), tiny_texts(2, seed=81)
+    as_text = score_layers(tiny_llama(layers=2), tok, train, val, ScoreConfig(quiet=True)).q
+    as_ids = score_layers(tiny_llama(layers=2), None, [torch.tensor(tok._encode(t)) for t in train],
+                          [tok._encode(t) for t in val], ScoreConfig(quiet=True)).q
+    torch.testing.assert_close(as_ids, as_text)

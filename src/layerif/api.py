@@ -91,6 +91,20 @@ def _texts(rows, what: str) -> list[str]:
     return texts
 
 
+def _encode(rows, tokenizer, max_length: int, what: str):
+    """Token ids of rows: dicts or strings are tokenised; tensors / int lists are taken as token ids."""
+    from layerif.data.tokens import EncodedSet
+
+    if rows and isinstance(rows[0], (torch.Tensor, list, tuple)):
+        ids = [torch.as_tensor(row, dtype=torch.long)[:max_length] for row in rows]
+        if any(len(row) < 2 for row in ids):
+            raise LayerIFError(f"every {what} sample needs at least 2 tokens")
+        return EncodedSet(ids)
+    if tokenizer is None:
+        raise LayerIFError("a tokenizer is needed for text rows")
+    return encode_texts(_texts(rows, what), tokenizer, max_length, f"{what} sample")
+
+
 def _length_sorted_batches(encoded, batch_size: int, pad_id: int, subset: list[int] | None = None):
     """Batches of similar length (less padding); each batch keeps its samples' original numbers."""
     from layerif.data.tokens import EncodedSet
@@ -164,9 +178,10 @@ def score_layers(
     started = time.perf_counter()
     train_rows = select_rows(list(train), config.n_train, config.sample_seed, "training rows")
     val_rows = select_rows(list(val), config.n_val, config.sample_seed, "validation rows")
-    train_encoded = encode_texts(_texts(train_rows, "training"), tokenizer, config.max_length, "training sample")
-    val_encoded = encode_texts(_texts(val_rows, "validation"), tokenizer, config.max_length, "validation sample")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_encoded = _encode(train_rows, tokenizer, config.max_length, "training")
+    val_encoded = _encode(val_rows, tokenizer, config.max_length, "validation")
+    pad_id = 0 if tokenizer is None else (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     all_train_batches = _length_sorted_batches(train_encoded, config.batch_size, pad_id)
     train_batches = _length_sorted_batches(train_encoded, config.batch_size, pad_id,
                                            dist.shard(len(train_encoded)) if dist.enabled else None)

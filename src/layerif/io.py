@@ -8,6 +8,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) and rename the result onto `path`; nothing is left behind on failure."""
@@ -19,6 +22,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp_path)
         with open(tmp_path, "rb") as written:
             os.fsync(written.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
