@@ -1,0 +1,125 @@
+"""Crash and resume: runs of `layerif score` killed with SIGKILL at random moments, then re-run and compared.
+
+A small random Llama (SmolLM2's tokenizer, built from a config; no download) scores 64 train x 12
+validation MRPC rows with --max-memory 1 (one checkpointed pass per layer) or --strategy stream
+(checkpointed passes), alternating. For each run: max relative difference of q against a clean run,
+and the seconds lost to the crash (killed + resumed - clean). Writes bench/results/resume.{json,md}.
+
+    python bench/resume.py [--runs 10] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "moe" / "mrpc"
+RESULTS = REPO / "bench" / "results"
+
+
+def build_model(directory: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from layerif.models import load_model
+
+    tokenizer = load_model("smollm2-135m", quiet=True).tokenizer
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def command(model: Path, out: Path, strategy: str) -> list[str]:
+    extra = ["--max-memory", "1", "--strategy", "store"] if strategy == "store" else ["--strategy", "stream"]
+    return [sys.executable, "-m", "layerif", "score", "--model", str(model), "--train", str(DATA / "train.jsonl"),
+            "--val", str(DATA / "validation.jsonl"), "--n-train", "64", "--n-val", "12", "--batch-size", "4",
+            "--out", str(out), "--quiet", *extra]
+
+
+def timed_run(cmd: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"benchmark data not found at {DATA}")
+    from layerif.scores import LayerScores
+
+    rng = random.Random(args.seed)
+    root = Path(tempfile.mkdtemp(prefix="layerif-resume-"))
+    build_model(root / "model")
+    clean: dict[str, tuple[torch.Tensor, float]] = {}
+    for strategy in ("store", "stream"):
+        seconds = timed_run(command(root / "model", root / f"clean-{strategy}", strategy))
+        clean[strategy] = (LayerScores.load(root / f"clean-{strategy}").q, seconds)
+        print(f"clean {strategy}: {seconds:.1f} s", flush=True)
+    rows = []
+    for run in range(args.runs):
+        strategy = ("store", "stream")[run % 2]
+        reference, clean_s = clean[strategy]
+        out = root / f"run-{run}"
+        kill_at = rng.uniform(0.1, 1.0) * clean_s
+        started = time.perf_counter()
+        process = subprocess.Popen(command(root / "model", out, strategy), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        try:
+            process.wait(timeout=kill_at)
+            finished_before_kill = True
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            finished_before_kill = False
+        killed_s = time.perf_counter() - started
+        units = sorted(p.name for p in (out / ".checkpoint").glob("*.safetensors")) if out.exists() else []
+        complete_looking = (out / "run.json").exists()
+        if complete_looking and not finished_before_kill:
+            raise SystemExit(f"run {run}: a killed run left a run.json behind")
+        resumed_s = 0.0 if finished_before_kill else timed_run(command(root / "model", out, strategy))
+        record = json.loads((out / "run.json").read_text())
+        q = LayerScores.load(out).q
+        difference = float((q - reference).abs().max() / reference.abs().max())
+        rows.append({"run": run, "strategy": strategy, "kill_at_s": round(kill_at, 2), "killed_after_s": round(killed_s, 2),
+                     "finished_before_kill": finished_before_kill, "checkpoint_units_at_kill": len(units),
+                     "resumed_units": len((record.get("resumed") or {}).get("units_loaded", [])),
+                     "max_rel_diff": difference, "seconds_lost": round(killed_s + resumed_s - clean_s, 2)})
+        print(rows[-1], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    summary = {"command": "python bench/resume.py " + " ".join(sys.argv[1:]),
+               "clean_seconds": {k: v[1] for k, v in clean.items()}, "runs": rows,
+               "all_equal_1e-6": all(r["max_rel_diff"] <= 1e-6 for r in rows)}
+    (RESULTS / "resume.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = ["# Resume after SIGKILL", "", f"Command: `{summary['command'].strip()}`", "",
+             f"Clean runs: store {clean['store'][1]:.1f} s, stream {clean['stream'][1]:.1f} s "
+             "(8-layer random Llama with SmolLM2's tokenizer, 64 x 12 MRPC rows).", "",
+             "| run | strategy | killed after (s) | checkpoint units at kill | units reused | max rel diff vs clean | seconds lost |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        killed = "finished first" if r["finished_before_kill"] else f"{r['killed_after_s']:.1f}"
+        lines.append(f"| {r['run']} | {r['strategy']} | {killed} | {r['checkpoint_units_at_kill']} | "
+                     f"{r['resumed_units']} | {r['max_rel_diff']:.1e} | {r['seconds_lost']:.1f} |")
+    lines += ["", f"All runs equal to the clean run within 1e-6: **{summary['all_equal_1e-6']}**."]
+    (RESULTS / "resume.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
