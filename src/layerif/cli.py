@@ -46,6 +46,7 @@ def score(
     lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank (--params lora)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, float16 (default: the checkpoint's)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto: spread a model too large for one device."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
 ) -> None:
@@ -59,7 +60,8 @@ def score(
         strategy=strategy, finetune_epochs=finetune_epochs, lora_rank=lora_rank, quiet=quiet,
     )
     run = ScoreRun(model=model, train=train, val=val, out=out, gguf_file=gguf_file, train_split=train_split,
-                   val_split=val_split, dtype=dtype, device=device, overwrite=overwrite, config=config)
+                   val_split=val_split, dtype=dtype, device=device, device_map=device_map, overwrite=overwrite,
+                   config=config)
     scores, path = run_score(run)
     from layerif.distributed import current
 

@@ -34,6 +34,7 @@ class ScoreRun:
     val_split: str | None = None
     dtype: str | None = None
     device: str | None = None
+    device_map: str | None = None
     overwrite: bool = False
     demo_task: str | None = None
     config: ScoreConfig = field(default_factory=ScoreConfig)
@@ -107,7 +108,8 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
 
     dist = distributed.current()
     device = run.device or (f"cuda:{dist.local_rank}" if _cuda_available() else "cpu")
-    loaded = load_model(run.model, run.gguf_file, run.dtype, device, quiet=run.config.quiet)
+    loaded = load_model(run.model, run.gguf_file, run.dtype, None if run.device_map else device,
+                        device_map=run.device_map, quiet=run.config.quiet)
     timings["load_model_s"] = time.perf_counter() - clock
     scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config,
                           checkpoint_dir=str(out / CHECKPOINT_DIR), restart=run.overwrite)
