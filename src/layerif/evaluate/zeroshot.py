@@ -141,9 +141,9 @@ def zeroshot_accuracy(
     if len(set(names)) != len(names):
         raise LayerIFError(f"task names must be distinct, got {', '.join(names)}")
     docs = {name: load_task_docs(path, name, limit) for name, path in resolved}
-    level = logging.getLogger("lm-eval").level
+    level = logging.getLogger("lm_eval").level
     if quiet:
-        logging.getLogger("lm-eval").setLevel(logging.ERROR)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         device = next(model.parameters()).device
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
@@ -151,7 +151,7 @@ def zeroshot_accuracy(
         output = evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=1000, log_samples=False,
                                     verbosity="ERROR" if quiet else "INFO")
     finally:
-        logging.getLogger("lm-eval").setLevel(level)
+        logging.getLogger("lm_eval").setLevel(level)
     results = {}
     for name, path in resolved:
         metrics = output["results"][name]
