@@ -38,10 +38,13 @@ ALLOCATIONS = ("uniform", "owl", "alphapruning", "layerif", "reversed")
 USES_EPSILON = ("alphapruning", "layerif", "reversed")
 
 PRESETS = {
+    # 0.5: the three pruners with uniform ratios (sanity); 0.7: every allocation with Wanda, ε 0.3 and 0.1
     "quick": dict(n_train=16, n_val=4, calib_sequences=32, calib_length=256, ppl_windows=16, ppl_length=512,
-                  limit=30, sparsities=(0.5, 0.7), epsilons=(0.3,), sweep_epsilons=(0.1,),
-                  methods=("magnitude", "wanda", "sparsegpt"), full_grid_methods=("wanda",),
-                  baseline_sparsities=(0.5,)),
+                  limit=20, eval_tasks=("rte", "arc_easy", "arc_challenge", "openbookqa"), sparsities=(0.7,),
+                  epsilons=(0.3,), sweep_epsilons=(0.1,), methods=("magnitude", "wanda", "sparsegpt"),
+                  full_grid_methods=("wanda",), baseline_sparsities=(),
+                  extra=((0.5, "magnitude", "uniform", None), (0.5, "wanda", "uniform", None),
+                         (0.5, "sparsegpt", "uniform", None))),
     "full": dict(n_train=300, n_val=50, calib_sequences=128, calib_length=512, ppl_windows=200, ppl_length=512,
                  limit=500, sparsities=(0.5, 0.6, 0.7), epsilons=(0.1, 0.3), sweep_epsilons=(),
                  methods=("magnitude", "wanda", "sparsegpt"), full_grid_methods=("magnitude", "wanda", "sparsegpt"),
@@ -53,6 +56,7 @@ PRESETS = {
                       baseline_sparsities=(0.5, 0.7), extra=((0.7, "wanda", "alphapruning", 0.3),
                                                              (0.7, "wanda", "owl", None))),
 }
+SCORE_SECONDS: dict[str, float] = {}  # wall time of each task's scoring (recorded when it was computed)
 FIELDS = ["sparsity", "method", "allocation", "epsilon", "ppl", "mean_acc", "mean_acc_stderr",
           *[f"acc_{t}" for t in EVAL_TASKS], *[f"stderr_{t}" for t in EVAL_TASKS], "measured_sparsity",
           "max_ratio", "min_ratio", "clipped_blocks", "prune_s", "eval_s"]
@@ -85,7 +89,7 @@ def grid(preset: dict) -> list[Config]:
             if method in preset["full_grid_methods"] and sparsity == max(preset["sparsities"]):
                 configs += [Config(sparsity, method, allocation, eps) for eps in preset["sweep_epsilons"]
                             for allocation in ("layerif", "reversed")]
-    return configs + [Config(*extra) for extra in preset.get("extra", ())]
+    return [Config(*extra) for extra in preset.get("extra", ())] + configs
 
 
 def task_scores(model, tokenizer, preset: dict, resume: bool) -> dict[str, np.ndarray]:
@@ -106,8 +110,10 @@ def task_scores(model, tokenizer, preset: dict, resume: bool) -> dict[str, np.nd
             config = ScoreConfig(n_train=len(train), n_val=len(val), quiet=True)
             scores = score_layers(model, tokenizer, train, val, config)
             scores.save(folder)
+            (folder / "bench_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
             print(f"scores {task}: {time.perf_counter() - started:.0f} s", flush=True)
         result[task] = scores.scores("S_pos")
+        SCORE_SECONDS[task] = json.loads((folder / "bench_seconds.json").read_text())["seconds"]
     return result
 
 
@@ -133,11 +139,12 @@ def evaluate(model, tokenizer, preset: dict) -> dict:
     if not preset["limit"]:  # perplexity only
         return {"ppl": ppl["perplexity"], "mean_acc": math.nan, "mean_acc_stderr": math.nan,
                 **{f"{kind}_{task}": math.nan for kind in ("acc", "stderr") for task in EVAL_TASKS}}
-    zero = zeroshot_accuracy(model, tokenizer, EVAL_TASKS, DATA, preset["limit"], batch_size=16, quiet=True)
+    tasks = preset.get("eval_tasks", EVAL_TASKS)
+    zero = zeroshot_accuracy(model, tokenizer, tasks, DATA, preset["limit"], batch_size=16, quiet=True)
     row = {"ppl": ppl["perplexity"], "mean_acc": zero["mean_acc"], "mean_acc_stderr": zero["mean_acc_stderr"]}
     for task in EVAL_TASKS:
-        row[f"acc_{task}"] = zero["tasks"][task]["acc"]
-        row[f"stderr_{task}"] = zero["tasks"][task]["acc_stderr"]
+        row[f"acc_{task}"] = zero["tasks"][task]["acc"] if task in tasks else math.nan
+        row[f"stderr_{task}"] = zero["tasks"][task]["acc_stderr"] if task in tasks else math.nan
     return row
 
 
@@ -206,9 +213,12 @@ def write_report(rows: list[dict], dense: dict, preset_name: str, preset: dict, 
 
     from layerif.io import atomic_savefig, atomic_write_text
 
+    shown = preset.get("eval_tasks", EVAL_TASKS)
     lines = [f"# Pruning benchmark — SmolLM2-135M ({preset_name} size)", "",
-             f"Command: `{command}` (torch threads: {torch.get_num_threads()}; total wall time {wall_s / 60:.1f} min,"
-             " on a machine shared with other jobs).", "",
+             f"Command: `{command}` (torch threads: {torch.get_num_threads()}; wall time {wall_s / 60:.1f} min "
+             f"for this invocation; LayerIF scoring {sum(SCORE_SECONDS.values()) / 60:.1f} min "
+             f"({', '.join(f'{t} {v:.0f} s' for t, v in SCORE_SECONDS.items())}); on a 2-core machine shared with "
+             "other jobs, so times are upper bounds).", "",
              "Setup: built-in SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32). "
              f"LayerIF scores: S_pos (DataInf, all block matrices) from {preset['n_train']} train × {preset['n_val']} "
              f"validation rows of the train split of each of {', '.join(SCORE_TASKS)}; per-task |S| min-max "
@@ -216,16 +226,16 @@ def write_report(rows: list[dict], dense: dict, preset_name: str, preset: dict, 
              f"re-balance). Calibration: {preset['calib_sequences']} random windows of {preset['calib_length']} "
              f"tokens of WikiText-2 valid (seed 0). Perplexity: first {preset['ppl_windows']} non-overlapping "
              f"{preset['ppl_length']}-token windows of WikiText-2 test. Zero-shot: lm-eval log-likelihood, first "
-             f"{preset['limit']} rows of each of {', '.join(EVAL_TASKS)}; accuracy in %, ± one standard error "
+             f"{preset['limit']} rows of each of {', '.join(shown)}; accuracy in %, ± one standard error "
              "(mean over tasks: s.e. of the mean of independent task accuracies).", "",
              f"Dense: perplexity **{dense['ppl']:.2f}**, mean accuracy {fmt_acc(dense)}.", "",
              "| sparsity | method | allocation | ε | WikiText-2 ppl | mean acc (%) | "
-             + " | ".join(EVAL_TASKS) + " | ratios min–max | clipped |",
-             "|---|---|---|---|---|---|" + "---|" * len(EVAL_TASKS) + "---|---|"]
+             + " | ".join(shown) + " | ratios min–max | clipped |",
+             "|---|---|---|---|---|---|" + "---|" * len(shown) + "---|---|"]
     for row in rows:
         eps = "" if row["epsilon"] == "" else f"{float(row['epsilon']):g}"
         tasks = " | ".join("—" if math.isnan(float(row[f"acc_{t}"])) else f"{100 * float(row[f'acc_{t}']):.1f}"
-                           for t in EVAL_TASKS)
+                           for t in shown)
         lines.append(f"| {float(row['sparsity']):g} | {row['method']} | {row['allocation']} | {eps} | "
                      f"{float(row['ppl']):.1f} | {fmt_acc(row)} | {tasks} | "
                      f"{float(row['min_ratio']):.3f}–{float(row['max_ratio']):.3f} | {row['clipped_blocks'] or '—'} |")
