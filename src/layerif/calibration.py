@@ -6,6 +6,7 @@ calibration set at once; each block runs on the cached outputs of the block befo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from layerif.errors import LayerIFError
 DEFAULT_SEQUENCES = 128
 MAX_DEFAULT_LENGTH = 2048
 ROW_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "cache", "layer_past")
 
 
 def model_context(model: nn.Module) -> int | None:
@@ -109,13 +111,27 @@ class BlockRunner:
         self.kwargs: dict[int, dict] = {}  # keyword arguments of a block call, per batch size
         first = self.blocks[0]
 
+        signature = inspect.signature(first.forward)
+        first_name = next(iter(signature.parameters))
+
         def catch(_module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
+            # Bind positional arguments to their names (GPT-2 passes the mask positionally) so each block
+            # can be called again as block(hidden, **rest).
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            rest = {}
+            for name, value in bound.items():
+                if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                    rest.update(value)
+                elif name != first_name:
+                    rest[name] = value
+            hidden = bound[first_name]
+            for name in CACHE_ARGUMENTS:
+                if name in rest:
+                    rest[name] = None
+            if "use_cache" in signature.parameters or any(
+                    p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+                rest["use_cache"] = False
             self.hidden.append(hidden.detach())
-            rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
-            rest["use_cache"] = False
-            rest.pop("past_key_value", None)
-            rest.pop("past_key_values", None)
             self.kwargs.setdefault(hidden.shape[0], rest)
             raise _Captured
 

@@ -110,3 +110,25 @@ def test_calibration_windows(tmp_path):
         calibration_ids(text, tokenizer, n_sequences=5, length=10_000)
     with pytest.raises(LayerIFError):
         calibration_ids(tmp_path / "missing.txt", tokenizer)
+
+
+@pytest.mark.parametrize("builder", ["tiny_gpt2", "tiny_neox"])
+def test_other_architectures(builder):
+    import tests.helpers as helpers
+
+    model = getattr(helpers, builder)(layers=2)
+    ids = calib(5, 10)
+    runner = BlockRunner(model, ids, batch_size=2)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    runner.advance(runner.blocks[0])
+    torch.testing.assert_close(torch.cat(runner.hidden), hidden[1], atol=1e-5, rtol=1e-5)
+    for method in ("wanda", "sparsegpt"):
+        model = getattr(helpers, builder)(layers=2)
+        path, _ = find_blocks(model)
+        refs = [ref for block in select_matrices(model) for ref in block]
+        ratios = {f"{path}.{ref.layer}.{ref.name}": 0.4 for ref in refs}
+        report = prune_model(model, ratios, method, ids, batch_size=2, block_size=16, quiet=True)
+        assert report.max_deviation < 0.005
+        for ref in refs:
+            assert abs(float((weight_of(ref) == 0).double().mean()) - 0.4) < 0.005
