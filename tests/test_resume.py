@@ -91,8 +91,15 @@ def test_kill_9_then_same_command_resumes(tmp_path):
     subprocess.run(command(tmp_path / "clean"), check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
     process = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((out / ".checkpoint").glob("layer-*.safetensors")):
+    deadline = time.time() + 300
+
+    def units_recorded() -> bool:
+        try:
+            return bool(json.loads((out / ".checkpoint" / "manifest.json").read_text())["units"])
+        except (OSError, ValueError, KeyError):
+            return False
+
+    while time.time() < deadline and not units_recorded():
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
