@@ -100,9 +100,17 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     verbosity = hf_logging.get_verbosity()
+    gguf_module, gguf_tqdm = None, None
     if quiet:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        if gguf_file:  # the GGUF reader draws its own progress bar, outside transformers' switch
+            import functools
+
+            from transformers import modeling_gguf_pytorch_utils as gguf_module
+
+            gguf_tqdm = gguf_module.tqdm
+            gguf_module.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
@@ -113,6 +121,8 @@ def load_model(
         if quiet:
             hf_logging.set_verbosity(verbosity)
             hf_logging.enable_progress_bar()
+            if gguf_module is not None:
+                gguf_module.tqdm = gguf_tqdm
     if torch_dtype is not None and gguf_file:
         model = model.to(torch_dtype)  # GGUF dequantises to float32 first
     if device is not None and device_map is None:
