@@ -1,6 +1,6 @@
 """Crash and resume: runs of `layerif score` killed with SIGKILL at random moments, then re-run and compared.
 
-A small random Llama (SmolLM2's tokenizer, built from a config; no download) scores 64 train x 12
+A small random Llama (SmolLM2's tokenizer, built from a config; no download) scores 32 train x 8
 validation MRPC rows with --max-memory 1 (one checkpointed pass per layer) or --strategy stream
 (checkpointed passes), alternating. For each run: max relative difference of q against a clean run,
 and the seconds lost to the crash (killed + resumed - clean). Writes bench/results/resume.{json,md}.
@@ -35,7 +35,7 @@ def build_model(directory: Path) -> None:
 
     tokenizer = load_model("smollm2-135m", quiet=True).tokenizer
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(directory)
@@ -45,7 +45,7 @@ def build_model(directory: Path) -> None:
 def command(model: Path, out: Path, strategy: str) -> list[str]:
     extra = ["--max-memory", "1", "--strategy", "store"] if strategy == "store" else ["--strategy", "stream"]
     return [sys.executable, "-m", "layerif", "score", "--model", str(model), "--train", str(DATA / "train.jsonl"),
-            "--val", str(DATA / "validation.jsonl"), "--n-train", "64", "--n-val", "12", "--batch-size", "4",
+            "--val", str(DATA / "validation.jsonl"), "--n-train", "32", "--n-val", "8", "--batch-size", "4", "--max-length", "64",
             "--out", str(out), "--quiet", *extra]
 
 
@@ -109,7 +109,7 @@ def main() -> None:
     (RESULTS / "resume.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["# Resume after SIGKILL", "", f"Command: `{summary['command'].strip()}`", "",
              f"Clean runs: store {clean['store'][1]:.1f} s, stream {clean['stream'][1]:.1f} s "
-             "(8-layer random Llama with SmolLM2's tokenizer, 64 x 12 MRPC rows).", "",
+             "(6-layer random Llama with SmolLM2's tokenizer, 32 x 8 MRPC rows, 64 tokens).", "",
              "| run | strategy | killed after (s) | checkpoint units at kill | units reused | max rel diff vs clean | seconds lost |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--timed-layers", type=int, default=2, help="layers timed for (b), extrapolated to all")
+    parser.add_argument("--loop-val", type=int, default=None,
+                        help="(b): run the DataInf loops for this many validation samples and scale the time")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -96,13 +98,14 @@ def main() -> None:
     per_layer = []
     for layer in timed:
         print(f"(b) released-code style, layer {layer} ...", flush=True)
-        result = paper_style_layer(model, tokenizer, train_rows, val_rows, layer)
-        ours = scores.q[layer].double()
-        theirs = torch.tensor(result.pop("q"), dtype=torch.float64)
-        result["max_rel_diff_vs_layerif"] = float((ours - theirs).abs().max() / theirs.abs().max())
+        result = paper_style_layer(model, tokenizer, train_rows, val_rows, layer, args.loop_val)
+        theirs = result.pop("q")
+        if theirs is not None:
+            ours, theirs = scores.q[layer].double(), torch.tensor(theirs, dtype=torch.float64)
+            result["max_rel_diff_vs_layerif"] = float((ours - theirs).abs().max() / theirs.abs().max())
         per_layer.append(result)
-        print(f"    gradients {result['gradients_s']:.1f} s, DataInf loops {result['datainf_s']:.1f} s, "
-              f"max rel diff vs layerif {result['max_rel_diff_vs_layerif']:.2e}", flush=True)
+        print(f"    gradients {result['gradients_s']:.1f} s, DataInf loops {result['datainf_s']:.1f} s "
+              f"(looped over {result['looped_val']} validation samples)", flush=True)
     b_per_layer = sum(r["gradients_s"] + r["datainf_s"] for r in per_layer) / len(per_layer)
     b = b_per_layer * n_layers
     summary = {
@@ -139,9 +142,14 @@ def main() -> None:
         f"- (a)/(c) = **{ratios['a_over_c']:.2f}** (target <= 1.5 x passes = {ratios['a_over_c_limit']:.1f}); "
         f"scoring alone / (c) = {ratios['a_scoring_only_over_c']:.2f}",
         f"- peak RSS of (a): {a['peak_rss_gib']:.2f} GiB; plan: {a['plan']['reason']}",
-        "- agreement of (b) with (a) on the timed layers (max relative difference of q): "
-        + ", ".join(f"layer {r['layer']}: {r['max_rel_diff_vs_layerif']:.1e}" for r in per_layer),
     ]
+    if all("max_rel_diff_vs_layerif" in r for r in per_layer):
+        lines.append("- agreement of (b) with (a) on the timed layers (max relative difference of q): "
+                     + ", ".join(f"layer {r['layer']}: {r['max_rel_diff_vs_layerif']:.1e}" for r in per_layer))
+    else:
+        lines.append(f"- (b)'s DataInf loops ran for {per_layer[0]['looped_val']} of {args.n_val} validation samples "
+                     "and were scaled (every validation sample's loop does the same work); (b)'s gradients are "
+                     "timed in full. Agreement of the two methods is checked by the unit tests and the smoke size.")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
