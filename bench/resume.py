@@ -90,9 +90,8 @@ def main() -> None:
             finished_before_kill = False
         killed_s = time.perf_counter() - started
         units = sorted(p.name for p in (out / ".checkpoint").glob("*.safetensors")) if out.exists() else []
-        complete_looking = (out / "run.json").exists()
-        if complete_looking and not finished_before_kill:
-            raise SystemExit(f"run {run}: a killed run left a run.json behind")
+        # A run killed after it wrote run.json (while exiting) is complete: it is checked like the others.
+        finished_before_kill = finished_before_kill or (out / "run.json").exists()
         resumed_s = 0.0 if finished_before_kill else timed_run(command(root / "model", out, strategy))
         record = json.loads((out / "run.json").read_text())
         q = LayerScores.load(out).q
