@@ -21,12 +21,8 @@ def batches_for(tokenizer, rows, batch_size, max_length=128):
     return _length_sorted_batches(encoded, batch_size, pad)
 
 
-def paper_style_layer(model, tokenizer, train_rows, val_rows, layer: int, loop_val: int | None = None) -> dict:
-    """(b) for one layer: per-sample backward at batch size 1, then per-validation-sample DataInf loops.
-
-    With `loop_val`, the DataInf loops run for the first `loop_val` validation samples only and their
-    time is scaled to all of them (each validation sample's loop does identical work).
-    """
+def paper_style_layer(model, tokenizer, train_rows, val_rows, layer: int) -> dict:
+    """(b) for one layer: per-sample backward at batch size 1, then per-validation-sample DataInf loops."""
     from layerif.data.tokens import per_sample_loss
     from layerif.models import select_matrices
 
@@ -55,12 +51,11 @@ def paper_style_layer(model, tokenizer, train_rows, val_rows, layer: int, loop_v
     synchronize()
     grads_s = time.perf_counter() - started
 
-    looped = val_grads if loop_val is None else val_grads[:loop_val]
     started = time.perf_counter()
     n = len(train_grads)
     lambdas = {name: 0.1 * sum(float((g[name] ** 2).mean()) for g in train_grads) / n for name in train_grads[0]}
-    influence = torch.zeros(n, len(looped))
-    for j, val_grad in enumerate(looped):  # the released code's loops: validation x train x matrices
+    influence = torch.zeros(n, len(val_grads))
+    for j, val_grad in enumerate(val_grads):  # the released code's loops: validation x train x matrices
         hvp = {}
         for name, lam in lambdas.items():
             h = torch.zeros_like(val_grad[name])
@@ -72,9 +67,8 @@ def paper_style_layer(model, tokenizer, train_rows, val_rows, layer: int, loop_v
         for i, train_grad in enumerate(train_grads):
             influence[i, j] = -sum(float(torch.dot(hvp[name], train_grad[name])) for name in hvp)
     synchronize()
-    datainf_s = (time.perf_counter() - started) * len(val_grads) / len(looped)
+    datainf_s = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
-    return {"layer": layer, "gradients_s": grads_s, "datainf_s": datainf_s, "looped_val": len(looped),
-            "q": (-influence.sum(1)).tolist() if len(looped) == len(val_grads) else None}
+    return {"layer": layer, "gradients_s": grads_s, "datainf_s": datainf_s, "q": (-influence.sum(1)).tolist()}
 
 
