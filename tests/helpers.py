@@ -77,3 +77,14 @@ def instruction_rows(n: int, seed: int = 0) -> list[dict]:
     texts = tiny_texts(n, seed=seed)
     return [{"instruction": f"what is {text}", "input": "", "output": f"answer {text.split()[0]}",
              "answer": text.split()[0]} for text in texts]
+
+
+def run_cli(*args: str) -> int:
+    """Run the `layerif` command in-process and return its exit code."""
+    from layerif.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

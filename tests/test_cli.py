@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layerif.cli import main
 from layerif.scores import LayerScores
-from tests.helpers import instruction_rows, save_tiny_model, write_jsonl
+from tests.helpers import instruction_rows, run_cli, save_tiny_model, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +22,6 @@ def setup(tmp_path_factory):
     write_jsonl(root / "val.jsonl", instruction_rows(4, seed=2))
     return root
 
-
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def score_args(root, out, *extra):

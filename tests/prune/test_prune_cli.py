@@ -8,18 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from layerif.cli import main
 from layerif.scores import LayerScores
 from tests.conftest import WORDS, tiny_texts
-from tests.helpers import save_tiny_model, write_jsonl
-
-
-def run_cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+from tests.helpers import run_cli, save_tiny_model, write_jsonl
 
 
 @pytest.fixture(scope="module")
