@@ -22,9 +22,6 @@ class FactorChunk:
     x: torch.Tensor
     delta: torch.Tensor
 
-    def nbytes(self) -> int:
-        return self.x.numel() * self.x.element_size() + self.delta.numel() * self.delta.element_size()
-
 
 def chunk_sq_norms(x: torch.Tensor, delta: torch.Tensor, x_gram: torch.Tensor | None = None) -> torch.Tensor:
     """||g_i||^2 of each sample of a batch, by whichever of Gram or materialised form is cheaper."""
@@ -75,9 +72,6 @@ class MatrixFactors:
         """Append one batch's factors and the per-sample squared norms computed at capture time."""
         self.sq_norms[chunk.index] = sq_norms.double().cpu()
         self.chunks.append(chunk)
-
-    def nbytes(self) -> int:
-        return sum(chunk.nbytes() for chunk in self.chunks)
 
     def _cast(self, chunk: FactorChunk) -> tuple[torch.Tensor, torch.Tensor]:
         return chunk.x.to(self.compute_dtype), chunk.delta.to(self.compute_dtype)

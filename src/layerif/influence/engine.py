@@ -63,6 +63,7 @@ def compute_influence(
     damping_values: list[list[float]] = [[0.0] * len(refs) for refs in per_layer]
     pair: list[torch.Tensor | None] | None = [None] * len(per_layer) if pairwise else None
     dist = dist or DistContext()
+    slot_of = {(ref.layer, ref.name): slot for refs in per_layer for slot, ref in enumerate(refs)}
     planned = {layer for group in plan.groups for layer in group}
     for layer in range(len(per_layer)):
         if layer in planned:
@@ -131,7 +132,7 @@ def compute_influence(
             dist.all_reduce_sum(stream.gu)
         values = stream.influence()
         for position, ref in enumerate(refs):
-            slot = per_layer[ref.layer].index(ref)
+            slot = slot_of[(ref.layer, ref.name)]
             influence[ref.layer][slot] = values[position]
             damping_values[ref.layer][slot] = float(stream.lam[position])
         for layer in layers:
@@ -182,7 +183,7 @@ def compute_influence(
                 estimator, train_factors[position], val_sum[position], val_each, max_bytes=kernel_bytes,
                 reduce=dist.all_reduce_sum,
             )
-            slot = per_layer[ref.layer].index(ref)
+            slot = slot_of[(ref.layer, ref.name)]
             influence[ref.layer][slot] = values
             damping_values[ref.layer][slot] = lam
             if pair is not None:
