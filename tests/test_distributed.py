@@ -40,7 +40,7 @@ def worker(rank: int, world: int, port: int, strategy: str, out: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["store", "stream"])
+@pytest.mark.parametrize("strategy", ["store", "spill", "stream"])
 def test_two_gloo_ranks_match_single_process(tmp_path, strategy):
     single = score_layers(tiny_llama(layers=3, seed=4), TinyTokenizer(), TRAIN, VAL,
                           ScoreConfig(quiet=True, batch_size=3, strategy=strategy)).q

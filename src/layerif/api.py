@@ -12,7 +12,13 @@ from torch import nn
 from layerif.data.loading import row_text
 from layerif.data.tokens import encode_texts, make_batches
 from layerif.errors import LayerIFError
-from layerif.gradients.plan import estimate_factor_bytes, plan_passes, shared_inputs, working_bytes
+from layerif.gradients.plan import (
+    STRATEGIES,
+    estimate_factor_bytes,
+    plan_passes,
+    shared_inputs,
+    working_bytes,
+)
 from layerif.influence.engine import compute_influence
 from layerif.influence.estimators import ESTIMATORS
 from layerif.models.blocks import select_matrices
@@ -52,7 +58,7 @@ class ScoreConfig:
     batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward batch."})
     max_memory: int | str | None = field(default=None, metadata={"help": "Budget for stored gradients (e.g. 4GiB); default half the free memory."})
     pairwise: bool = field(default=False, metadata={"help": "Also keep the n_train x n_val influence matrix per layer."})
-    strategy: str = field(default="auto", metadata={"help": "auto, store (keep factors per layer group) or stream (3 passes of sums)."})
+    strategy: str = field(default="auto", metadata={"help": "auto, store (factors in memory per layer group), spill (factors to disk, one pass) or stream (3 passes of sums)."})
     compute_dtype: str = field(default="float32", metadata={"help": "dtype of the estimator's matmuls (float32 or float64)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank for --params lora."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for --params lora."})
@@ -69,8 +75,8 @@ class ScoreConfig:
             raise LayerIFError(f"--params must be full or lora, got {self.params!r}")
         if self.modules not in ("attn", "mlp", "all"):
             raise LayerIFError(f"--modules must be attn, mlp or all, got {self.modules!r}")
-        if self.strategy not in ("auto", "store", "stream"):
-            raise LayerIFError(f"--strategy must be auto, store or stream, got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise LayerIFError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.compute_dtype not in ("float32", "float64"):
             raise LayerIFError(f"compute dtype must be float32 or float64, got {self.compute_dtype!r}")
         if self.batch_size < 1:
@@ -131,9 +137,60 @@ def default_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.5)
 
 
+def _spill_io_cost(model: nn.Module, batches, factor_bytes: int, spill_dir: str | None,
+                   forced: bool) -> tuple[float | None, dict]:
+    """Estimated cost of writing the factors to disk and reading them back, in forward passes over `batches`.
+
+    Measured, not guessed: a synced 64 MiB write to the spill directory and one forward of the longest batch.
+    None when the disk lacks room for the factors (plus 1 GiB).
+    """
+    from layerif.gradients.spill import disk_write_bandwidth, free_disk_bytes
+
+    free = free_disk_bytes(spill_dir)
+    if free < factor_bytes + (1 << 30):
+        if forced:
+            raise LayerIFError(f"--strategy spill needs {(factor_bytes >> 20) + 1024} MiB of free disk under "
+                               f"{spill_dir or 'the temporary directory'}; only {free >> 20} MiB are free")
+        return None, {"spill_disk_free_bytes": free}
+    if not batches:
+        return 0.0, {}
+    bandwidth = disk_write_bandwidth(spill_dir)
+    device = next(model.parameters()).device
+    longest = max(batches, key=lambda batch: batch.input_ids.numel()).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=longest.input_ids, attention_mask=longest.attention_mask, use_cache=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tokens = sum(int(batch.input_ids.numel()) for batch in batches)
+    forward_s = (time.perf_counter() - started) * tokens / max(int(longest.input_ids.numel()), 1)
+    # written once, read back once from disk (a layer's repeated reads then come from the page cache)
+    io_s = 2 * factor_bytes / bandwidth
+    probe = {"spill_disk_write_bytes_per_s": round(bandwidth), "spill_forward_s": round(forward_s, 3),
+             "spill_io_s": round(io_s, 3)}
+    return io_s / max(forward_s, 1e-9), probe
+
+
+_PEAK_BEFORE_RESET = 0
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far (across any `restart_peak_rss`)."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _PEAK_BEFORE_RESET)
+
+
+def restart_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter so a phase can be measured alone (Linux); False if unsupported."""
+    global _PEAK_BEFORE_RESET
+    _PEAK_BEFORE_RESET = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def run_fingerprint(model: nn.Module, config: ScoreConfig, train_encoded, val_encoded) -> dict:
@@ -158,18 +215,20 @@ def run_fingerprint(model: nn.Module, config: ScoreConfig, train_encoded, val_en
 
 def score_layers(
     model: nn.Module, tokenizer, train, val, config: ScoreConfig | None = None,
-    checkpoint_dir: str | None = None, restart: bool = False,
+    checkpoint_dir: str | None = None, restart: bool = False, spill_dir: str | None = None,
 ) -> LayerScores:
     """Per-layer LayerIF influence of `train` rows (dicts or strings) on the loss of `val` rows.
 
     With `checkpoint_dir`, finished layers / passes are saved there and a later call with the same
-    model, data and config continues from them (`restart=True` discards them).
+    model, data and config continues from them (`restart=True` discards them). Gradient factors that
+    do not fit the memory budget may be spilled under `spill_dir` (default: the temporary directory).
     """
     from layerif import distributed
     from layerif.data.loading import select_rows
 
     config = config or ScoreConfig()
     config.validate()
+    peak_is_scoring = restart_peak_rss()  # so the model's loading peak does not hide the scoring peak
     dist = distributed.current()
     if dist.enabled and (config.estimator == "exact" or config.pairwise):
         raise LayerIFError("data-parallel scoring supports datainf and identity without --pairwise; "
@@ -225,15 +284,25 @@ def score_layers(
 
         remaining = [layer for layer in range(len(per_layer))
                      if checkpoint is None or not checkpoint.has(layer_unit(layer))]
+        remaining_bytes = [layer_bytes[layer] for layer in remaining] or [0]
+        store_budget = max(budget - working, 1)
+        spill_io_cost, spill_probe = None, {}
+        if remaining and config.strategy in ("auto", "spill") and sum(remaining_bytes) > store_budget:
+            spill_io_cost, spill_probe = _spill_io_cost(scored_model, train_batches, sum(remaining_bytes), spill_dir,
+                                                        forced=config.strategy == "spill")
         plan = plan_passes(
-            config.estimator, config.pairwise, [layer_bytes[layer] for layer in remaining] or [0],
-            max(budget - working, 1), None if config.strategy == "auto" else config.strategy,
+            config.estimator, config.pairwise, remaining_bytes, store_budget,
+            None if config.strategy == "auto" else config.strategy, spill_io_cost,
         )
+        plan.estimated_cost.update(spill_probe)
         plan.groups = [[remaining[i] for i in group] for group in plan.groups] if remaining else []
         if not remaining:
             plan.mode, plan.reason = "store", "every layer was already in the checkpoint"
         plan.passes = len(plan.groups) if plan.mode == "store" else (plan.passes if remaining else 0)
         plan.budget_bytes = budget
+        if plan.mode != "store" or len(plan.groups) > 1:
+            plan.reason += (f" (of the {budget / (1 << 30):.2f} GiB --max-memory, {min(working, budget) / (1 << 30):.2f} GiB"
+                            " is set aside for activations and weight-sized sums)")
         plan = dist.broadcast_object(plan)  # every rank must run the same passes
         compute_dtype = torch.float64 if config.compute_dtype == "float64" else torch.float32
         started = time.perf_counter()
@@ -241,6 +310,7 @@ def score_layers(
             scored_model, per_layer, train_batches, val_batches, len(train_rows), len(val_rows),
             config.estimator, config.pairwise, plan, compute_dtype, config.quiet,
             kernel_bytes=max(min(budget // 4, 4 << 30), 64 << 20), checkpoint=checkpoint, dist=dist,
+            spill_dir=spill_dir,
         )
         timings["influence_s"] = time.perf_counter() - started
     finally:
@@ -269,6 +339,7 @@ def score_layers(
         "timings": timings,
         "damping": result.damping,
         "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_scoring_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak_is_scoring else None,
         "world_size": dist.world_size,
         "n_train": n_train,
         "n_val": len(val_rows),

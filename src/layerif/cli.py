@@ -41,7 +41,8 @@ def score(
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per batch."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Budget for stored gradients, e.g. 4GiB (default: half the free memory)."),
     pairwise: bool = typer.Option(False, "--pairwise", help="Also save the n_train x n_val influence per layer."),
-    strategy: str = typer.Option("auto", "--strategy", help="auto, store or stream."),
+    strategy: str = typer.Option("auto", "--strategy", help="auto, store (in memory), spill (to disk) or stream."),
+    spill_dir: str | None = typer.Option(None, "--spill-dir", help="Where spilled gradient factors go (default: inside --out)."),
     finetune_epochs: float = typer.Option(0.0, "--finetune-epochs", help="LoRA fine-tuning epochs before scoring (--params lora)."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank (--params lora)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, float16 (default: the checkpoint's)."),
@@ -61,7 +62,7 @@ def score(
     )
     run = ScoreRun(model=model, train=train, val=val, out=out, gguf_file=gguf_file, train_split=train_split,
                    val_split=val_split, dtype=dtype, device=device, device_map=device_map, overwrite=overwrite,
-                   config=config)
+                   spill_dir=spill_dir, config=config)
     scores, path = run_score(run)
     from layerif.distributed import current
 

@@ -37,6 +37,7 @@ class ScoreRun:
     device_map: str | None = None
     overwrite: bool = False
     demo_task: str | None = None
+    spill_dir: str | None = None  # default: inside the run's checkpoint directory, on --out's disk
     config: ScoreConfig = field(default_factory=ScoreConfig)
 
 
@@ -112,7 +113,8 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
                         device_map=run.device_map, quiet=run.config.quiet)
     timings["load_model_s"] = time.perf_counter() - clock
     scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config,
-                          checkpoint_dir=str(out / CHECKPOINT_DIR), restart=run.overwrite)
+                          checkpoint_dir=str(out / CHECKPOINT_DIR), restart=run.overwrite,
+                          spill_dir=run.spill_dir or str(out / CHECKPOINT_DIR))
     timings.update(scores.metadata.pop("timings", {}))
     if not dist.is_main:  # rank 0 writes the outputs
         return scores, out
@@ -146,6 +148,7 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
             "resumed": scores.metadata.get("resumed"),
             "timings_s": {key: round(value, 3) for key, value in timings.items()},
             "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_scoring_bytes": scores.metadata.get("peak_rss_scoring_bytes"),
             "peak_gpu_bytes": scores.metadata.get("peak_gpu_bytes"),
             "versions": package_versions(),
             "outputs": list(OUTPUT_FILES),

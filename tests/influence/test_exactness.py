@@ -62,7 +62,7 @@ def reference_q(estimator, n_train=20, n_val=5, layers=4):
 
 
 @pytest.mark.parametrize("estimator", ["datainf", "exact", "identity"])
-@pytest.mark.parametrize("strategy", ["store", "stream"])
+@pytest.mark.parametrize("strategy", ["store", "spill", "stream"])
 def test_engine_matches_naive_reference(estimator, strategy, tokenizer):
     if strategy == "stream" and estimator == "exact":
         pytest.skip("exact needs stored gradients")

@@ -1,4 +1,4 @@
-"""Decide how gradients are kept: factors of all layers in one pass, layer groups, or streamed sums."""
+"""Decide how gradients are kept: factors in memory (one pass or layer groups), spilled to disk, or streamed sums."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 from layerif.data.tokens import Batch
 from layerif.models.blocks import MatrixRef
+
+STRATEGIES = ("auto", "store", "spill", "stream")
 
 
 def working_bytes(per_layer: Sequence[Sequence[MatrixRef]], batch_tokens: int, vocab: int, elem: int) -> int:
@@ -67,10 +69,14 @@ def estimate_factor_bytes(
 
 @dataclass
 class PassPlan:
-    """How a scoring run traverses the data: `store` keeps factors per layer group, `stream` keeps sums only."""
+    """How a scoring run traverses the data.
+
+    `store` keeps factors in memory per layer group (one pass each), `spill` writes every layer's factors
+    to disk in one pass and reads them back layer by layer, `stream` keeps weight-sized sums only.
+    """
 
     mode: str
-    groups: list[list[int]]  # layer groups, one store pass each (stream: one group with every layer)
+    groups: list[list[int]]  # layer groups, one store pass each (spill, stream: one group with every layer)
     passes: int
     reason: str
     factor_bytes: int = 0
@@ -82,9 +88,14 @@ class PassPlan:
 
 
 def plan_passes(
-    estimator: str, pairwise: bool, layer_bytes: Sequence[int], budget_bytes: int, force: str | None = None
+    estimator: str, pairwise: bool, layer_bytes: Sequence[int], budget_bytes: int, force: str | None = None,
+    spill_io_cost: float | None = None,
 ) -> PassPlan:
-    """Fewest passes that fit the budget; cost in units of one forward (a full backward costs two)."""
+    """Cheapest way through the data that fits the budget; cost in units of one forward (a backward costs two).
+
+    `spill_io_cost` is the estimated cost of writing and reading all factors to disk, in the same units;
+    None when spilling is not possible (not enough free disk).
+    """
     n_layers = len(layer_bytes)
     total = int(sum(layer_bytes))
     groups: list[list[int]] = []
@@ -104,18 +115,34 @@ def plan_passes(
     stream_passes = {"datainf": 3, "identity": 1}.get(estimator)
     stream_ok = stream_passes is not None and not pairwise
     stream_cost = 3.0 * stream_passes if stream_ok else float("inf")
-    costs = {"store": round(store_cost, 3), "stream": stream_cost if stream_ok else None}
+    # spilled factors are read back one batch chunk at a time, so spilling stays in budget even when
+    # one layer's factors alone do not fit
+    spill_ok = spill_io_cost is not None and len(groups) > 1
+    spill_cost = 3.0 + spill_io_cost if spill_io_cost is not None else float("inf")
+    costs = {"store": round(store_cost, 3), "stream": stream_cost if stream_ok else None,
+             "spill": round(spill_cost, 3) if spill_io_cost is not None else None}
     common = {"factor_bytes": total, "budget_bytes": int(budget_bytes), "estimated_cost": costs}
     gib = 1 << 30
     if force == "stream" and not stream_ok:
         from layerif.errors import LayerIFError
 
         raise LayerIFError(f"streaming passes support datainf and identity without --pairwise, not {estimator}")
+    spill_wins = spill_ok and spill_cost < stream_cost and (spill_cost < store_cost or not fits)
+    if force == "spill" or (force is None and spill_wins):
+        why = "requested" if force == "spill" else (
+            f"factors need {total / gib:.2f} GiB > {budget_bytes / gib:.2f} GiB budget; one pass writing them to "
+            f"disk (estimated cost {spill_cost:.1f}) beats {len(groups)} layer groups ({store_cost:.1f})"
+            + (f" and streaming ({stream_cost:.1f})" if stream_ok else "")
+            + " in forward-pass units"
+        )
+        return PassPlan("spill", [list(range(n_layers))], 1, f"spill to disk: {why}", **common)
     if force == "stream" or (force is None and stream_ok and (not fits or stream_cost < store_cost)):
         why = "requested" if force == "stream" else (
             f"factors need {total / gib:.2f} GiB; "
             + ("one layer alone exceeds" if not fits else f"{len(groups)} layer groups would cost more than streaming in")
             + f" the {budget_bytes / gib:.2f} GiB budget"
+            + (f"; spilling to disk was estimated at {spill_cost:.1f} vs {stream_cost:.1f}" if spill_io_cost is not None
+               else "")
         )
         return PassPlan("stream", [list(range(n_layers))], stream_passes, f"stream sums: {why}", **common)
     if len(groups) == 1:

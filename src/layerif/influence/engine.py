@@ -53,11 +53,13 @@ def compute_influence(
     kernel_bytes: int = 1 << 30,
     checkpoint: Checkpoint | None = None,
     dist: DistContext | None = None,
+    spill_dir: str | None = None,
 ) -> InfluenceResult:
     """Influence of each training sample through each selected matrix, following `plan`.
 
     Layers already saved in `checkpoint` are loaded instead of computed (the plan should cover only
-    the others); each finished layer, and each finished streaming pass, is saved to it.
+    the others); each finished layer, and each finished streaming pass, is saved to it. A `spill` plan
+    writes its factor files under `spill_dir` (default: the system's temporary directory).
     """
     influence: list[list[torch.Tensor | None]] = [[None] * len(refs) for refs in per_layer]
     damping_values: list[list[float]] = [[0.0] * len(refs) for refs in per_layer]
@@ -139,6 +141,12 @@ def compute_influence(
             save_layer(layer)
         return InfluenceResult(influence, None, damping_values, total)
 
+    if plan.mode == "spill":
+        _spilled_influence(model, per_layer, train_batches, val_batches, n_train, n_val, estimator, pairwise,
+                           plan.groups[0] if plan.groups else [], compute_dtype, quiet, kernel_bytes, dist,
+                           spill_dir, influence, damping_values, pair, slot_of, save_layer)
+        return InfluenceResult(influence, pair, damping_values, 1 if plan.groups else 0)
+
     for group_number, group in enumerate(plan.groups):
         refs = [ref for layer in group for ref in per_layer[layer]]
         first_layer = min(group)
@@ -147,18 +155,15 @@ def compute_influence(
         val_factors = [MatrixFactors(n_val, r.d_in, r.d_out, compute_dtype) for r in refs] if pairwise else None
         train_factors = [MatrixFactors(n_train, r.d_in, r.d_out, compute_dtype) for r in refs]
 
+        sum_val = _consume_val(val_sum, compute_dtype)
+
         def consume_val(position, batch, x, delta, cache):
-            xc, dc = x.to(compute_dtype), delta.to(compute_dtype)
-            part = chunk_weighted_sum(xc, dc, torch.ones(x.shape[0], dtype=compute_dtype, device=x.device))
-            val_sum[position] = part if val_sum[position] is None else val_sum[position] + part
+            sum_val(position, batch, x, delta, cache)
             if val_factors is not None:
                 val_factors[position].add(FactorChunk(batch.index, x, delta), torch.zeros(len(batch.index)))
 
         def consume_train(position, batch, x, delta, cache):
-            xc, dc = x.to(compute_dtype), delta.to(compute_dtype)
-            ref = refs[position]
-            cheap_gram = x.shape[1] * (ref.d_in + ref.d_out) <= ref.d_in * ref.d_out
-            sq = chunk_sq_norms(xc, dc, _x_gram(xc, cache) if cheap_gram else None)
+            sq = _train_sq_norms(x, delta, refs[position], compute_dtype, cache)
             train_factors[position].add(FactorChunk(batch.index, x, delta), sq)
 
         run_pass(model, val_batches, refs, consume_val, first_layer, f"{label} validation", quiet, val_name)
@@ -194,6 +199,90 @@ def compute_influence(
         for layer in group:
             save_layer(layer)
     return InfluenceResult(influence, pair, damping_values, len(plan.groups) if plan.mode == "store" else 0)
+
+
+def _consume_val(val_sum: list, compute_dtype: torch.dtype):
+    """Consumer adding each validation batch's gradient sum to val_sum[position]."""
+    def consume(position, batch, x, delta, cache):
+        xc, dc = x.to(compute_dtype), delta.to(compute_dtype)
+        part = chunk_weighted_sum(xc, dc, torch.ones(x.shape[0], dtype=compute_dtype, device=x.device))
+        val_sum[position] = part if val_sum[position] is None else val_sum[position] + part
+
+    return consume
+
+
+def _train_sq_norms(x: torch.Tensor, delta: torch.Tensor, ref: MatrixRef, compute_dtype, cache: dict) -> torch.Tensor:
+    xc, dc = x.to(compute_dtype), delta.to(compute_dtype)
+    cheap_gram = x.shape[1] * (ref.d_in + ref.d_out) <= ref.d_in * ref.d_out
+    return chunk_sq_norms(xc, dc, _x_gram(xc, cache) if cheap_gram else None)
+
+
+def _spilled_influence(model, per_layer, train_batches, val_batches, n_train, n_val, estimator, pairwise, layers,
+                       compute_dtype, quiet, kernel_bytes, dist, spill_dir, influence, damping_values, pair,
+                       slot_of, save_layer) -> None:
+    """One validation and one training pass writing factors to disk, then each layer scored from its files."""
+    from tqdm.auto import tqdm
+
+    from layerif.gradients.spill import SpillStore
+
+    if not layers:
+        return
+    refs = [ref for layer in layers for ref in per_layer[layer]]
+    first_layer = min(layers)
+    store = SpillStore(spill_dir, prefix=f"rank{dist.rank}")
+    try:
+        val_sum: list[torch.Tensor | None] = [None] * len(refs)
+        sum_val = _consume_val(val_sum, compute_dtype)
+
+        def consume_val(position, batch, x, delta, cache):
+            sum_val(position, batch, x, delta, cache)
+            if pairwise:
+                store.write("val", refs[position].layer, position, batch.index, x, delta, cache)
+
+        sq_norms = torch.zeros(len(refs), n_train, dtype=torch.float64)
+
+        def consume_train(position, batch, x, delta, cache):
+            sq_norms[position, batch.index] = _train_sq_norms(x, delta, refs[position], compute_dtype,
+                                                              cache).double().cpu()
+            store.write("train", refs[position].layer, position, batch.index, x, delta, cache)
+
+        run_pass(model, val_batches, refs, consume_val, first_layer, "validation (spill to disk)", quiet,
+                 lambda i: f"validation sample {i}")
+        run_pass(model, train_batches, refs, consume_train, first_layer, "training (spill to disk)", quiet,
+                 lambda i: f"training sample {i}")
+        store.finish_writing()
+        dist.all_reduce_sum(sq_norms)
+        device = next(model.parameters()).device
+        for layer in tqdm(layers, desc=f"{estimator} from disk", disable=quiet, leave=False, unit="layer",
+                          dynamic_ncols=True):
+            for position, ref in enumerate(refs):
+                if ref.layer != layer:
+                    continue
+                if val_sum[position] is None:
+                    val_sum[position] = torch.zeros(ref.d_out, ref.d_in, dtype=compute_dtype, device=device)
+                v = dist.all_reduce_sum(val_sum[position])
+                val_sum[position] = None
+                factors = store.factors("train", layer, position, n_train, ref.d_in, ref.d_out, compute_dtype,
+                                        sq_norms[position])
+                val_each = None
+                if pairwise:
+                    val_factors = store.factors("val", layer, position, n_val, ref.d_in, ref.d_out, compute_dtype,
+                                                torch.zeros(n_val, dtype=torch.float64))
+                    index, grads = next(val_factors.materialised(max_bytes=1 << 62))
+                    val_each = torch.empty_like(grads)
+                    val_each[index] = grads
+                    val_each = val_each.view(n_val, ref.d_out, ref.d_in)
+                values, values_pair, lam = influence_from_factors(
+                    estimator, factors, v, val_each, max_bytes=kernel_bytes, reduce=dist.all_reduce_sum)
+                slot = slot_of[(ref.layer, ref.name)]
+                influence[layer][slot] = values
+                damping_values[layer][slot] = lam
+                if pair is not None:
+                    pair[layer] = values_pair if pair[layer] is None else pair[layer] + values_pair
+            store.drop_layer(layer)
+            save_layer(layer)
+    finally:
+        store.close()
 
 
 def layer_unit(layer: int) -> str:
