@@ -51,7 +51,8 @@ def test_two_gloo_ranks_match_single_process(tmp_path, strategy):
 
 
 @pytest.mark.slow
-def test_torchrun_cli(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_launched_cli_matches_single_process(tmp_path, launcher):
     save_tiny_model(tmp_path / "model", layers=2)
     write_jsonl(tmp_path / "train.jsonl", instruction_rows(9, seed=1))
     write_jsonl(tmp_path / "val.jsonl", instruction_rows(3, seed=2))
@@ -59,10 +60,16 @@ def test_torchrun_cli(tmp_path):
             "--val", str(tmp_path / "val.jsonl"), "--n-train", "9", "--n-val", "3", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port())]
-    done = subprocess.run([*launcher, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port())]
+    else:  # accelerate's multi-process launcher sets the same env as torchrun; without CUDA the ranks use gloo
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(free_port())]
+    done = subprocess.run([*command, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["passes"] >= 1
+    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert record["passes"] >= 1 and record["world_size"] == 2
     one, two = LayerScores.load(tmp_path / "one").q, LayerScores.load(tmp_path / "two").q
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5 * one.abs().max().item())

@@ -146,6 +146,7 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
             "plan": scores.metadata.get("plan"),
             "passes": scores.metadata.get("train_passes"),
             "resumed": scores.metadata.get("resumed"),
+            "world_size": scores.metadata.get("world_size"),
             "timings_s": {key: round(value, 3) for key, value in timings.items()},
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_scoring_bytes": scores.metadata.get("peak_rss_scoring_bytes"),
