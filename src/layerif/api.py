@@ -59,6 +59,7 @@ class ScoreConfig:
     max_memory: int | str | None = field(default=None, metadata={"help": "Budget for stored gradients (e.g. 4GiB); default half the free memory."})
     pairwise: bool = field(default=False, metadata={"help": "Also keep the n_train x n_val influence matrix per layer."})
     strategy: str = field(default="auto", metadata={"help": "auto, store (factors in memory per layer group), spill (factors to disk, one pass) or stream (3 passes of sums)."})
+    on_nonfinite: str = field(default="error", metadata={"help": "A sample with a non-finite loss or gradient: error (stop, naming it) or skip (leave it out, list it in run.json)."})
     compute_dtype: str = field(default="float32", metadata={"help": "dtype of the estimator's matmuls (float32 or float64)."})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank for --params lora."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for --params lora."})
@@ -77,6 +78,8 @@ class ScoreConfig:
             raise LayerIFError(f"--modules must be attn, mlp or all, got {self.modules!r}")
         if self.strategy not in STRATEGIES:
             raise LayerIFError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.on_nonfinite not in ("error", "skip"):
+            raise LayerIFError(f"--on-nonfinite must be error or skip, got {self.on_nonfinite!r}")
         if self.compute_dtype not in ("float32", "float64"):
             raise LayerIFError(f"compute dtype must be float32 or float64, got {self.compute_dtype!r}")
         if self.batch_size < 1:
@@ -310,7 +313,7 @@ def score_layers(
             scored_model, per_layer, train_batches, val_batches, len(train_rows), len(val_rows),
             config.estimator, config.pairwise, plan, compute_dtype, config.quiet,
             kernel_bytes=max(min(budget // 4, 4 << 30), 64 << 20), checkpoint=checkpoint, dist=dist,
-            spill_dir=spill_dir,
+            spill_dir=spill_dir, skip_nonfinite=config.on_nonfinite == "skip",
         )
         timings["influence_s"] = time.perf_counter() - started
     finally:
@@ -338,6 +341,8 @@ def score_layers(
             "units_loaded": checkpoint.loaded, "units_recomputed": checkpoint.recomputed},
         "timings": timings,
         "damping": result.damping,
+        "left_out": {"training": {str(k): v for k, v in result.left_out_train.items()},
+                     "validation": {str(k): v for k, v in result.left_out_val.items()}},
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_scoring_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak_is_scoring else None,
         "world_size": dist.world_size,

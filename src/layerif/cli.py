@@ -42,6 +42,7 @@ def score(
     max_memory: str | None = typer.Option(None, "--max-memory", help="Budget for stored gradients, e.g. 4GiB (default: half the free memory)."),
     pairwise: bool = typer.Option(False, "--pairwise", help="Also save the n_train x n_val influence per layer."),
     strategy: str = typer.Option("auto", "--strategy", help="auto, store (in memory), spill (to disk) or stream."),
+    on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="A sample with a non-finite loss or gradient: error (stop and name it) or skip (leave it out, list it in run.json)."),
     spill_dir: str | None = typer.Option(None, "--spill-dir", help="Where spilled gradient factors go (default: inside --out)."),
     finetune_epochs: float = typer.Option(0.0, "--finetune-epochs", help="LoRA fine-tuning epochs before scoring (--params lora)."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank (--params lora)."),
@@ -59,6 +60,7 @@ def score(
         n_train=n_train, n_val=n_val, sample_seed=sample_seed, max_length=max_length, params=params,
         modules=modules, estimator=estimator, batch_size=batch_size, max_memory=max_memory, pairwise=pairwise,
         strategy=strategy, finetune_epochs=finetune_epochs, lora_rank=lora_rank, quiet=quiet,
+        on_nonfinite=on_nonfinite,
     )
     run = ScoreRun(model=model, train=train, val=val, out=out, gguf_file=gguf_file, train_split=train_split,
                    val_split=val_split, dtype=dtype, device=device, device_map=device_map, overwrite=overwrite,
@@ -68,6 +70,13 @@ def score(
 
     if not current().is_main:  # data-parallel: rank 0 reports
         return
+    left_out = scores.metadata.get("left_out") or {}
+    for which, samples in left_out.items():
+        if samples:
+            listed = "; ".join(f"{which} sample {k}: {v}" for k, v in list(samples.items())[:5])
+            more = f" (and {len(samples) - 5} more)" if len(samples) > 5 else ""
+            typer.echo(f"warning: left out {len(samples)} {which} sample(s) with non-finite loss or gradient: "
+                       f"{listed}{more}; see run.json", err=True)
     if not quiet:
         print_layer_table(scores, title=f"LayerIF layer scores ({estimator}, {params} space, {modules} modules)")
     typer.echo(describe(path))

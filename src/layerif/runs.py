@@ -147,6 +147,7 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
             "passes": scores.metadata.get("train_passes"),
             "resumed": scores.metadata.get("resumed"),
             "world_size": scores.metadata.get("world_size"),
+            "left_out": scores.metadata.get("left_out"),
             "timings_s": {key: round(value, 3) for key, value in timings.items()},
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_scoring_bytes": scores.metadata.get("peak_rss_scoring_bytes"),

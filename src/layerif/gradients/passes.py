@@ -25,6 +25,23 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="sample", disable=quiet, dynamic_ncols=True, leave=False)
 
 
+def _consume_without_bad_rows(state: dict, batch: Batch, consume: Consumer, skipped: dict[int, str]) -> None:
+    """Hand a batch's held factors to the consumer with the rows of non-finite samples set to zero."""
+    bad_rows = sorted(state["bad_rows"])
+    keep = None
+    if bad_rows:
+        keep = torch.ones(len(batch.index), dtype=torch.bool)
+        keep[bad_rows] = False
+    for position, x, delta in state["pending"]:
+        if keep is not None:
+            mask = keep.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+            x, delta = torch.where(mask, x, torch.zeros_like(x)), torch.where(mask, delta, torch.zeros_like(delta))
+        consume(position, batch, x, delta, state["cache"])
+    state["pending"] = []
+    for row in bad_rows:
+        skipped.setdefault(int(batch.index[row]), state["bad_rows"][row])
+
+
 def run_pass(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -34,11 +51,15 @@ def run_pass(
     desc: str = "pass",
     quiet: bool = False,
     sample_names: Callable[[int], str] | None = None,
+    skipped: dict[int, str] | None = None,
 ) -> None:
     """Forward+backward every batch once; backward stops at block `first_layer`'s input.
 
     Model weights are frozen for the pass, so autograd computes no weight gradients at all: the
     per-sample quantities are computed from the captured factors by `consume` instead.
+    A sample whose loss or gradient is not finite raises NonFiniteGradient; with `skipped` given it is
+    left out instead: its factors reach `consume` as zeros and skipped[sample] says where it went bad.
+    (Then a batch's factors are held until its backward ends, since a bad gradient can appear late.)
     """
     _, blocks = find_blocks(model)
     device = next(model.parameters()).device
@@ -61,8 +82,15 @@ def run_pass(
                 batch = state["batch"]
                 delta = grad.detach()
                 bad = ~torch.isfinite(delta).all(dim=tuple(range(1, delta.dim())))
+                ref = refs[position]
+                if skipped is not None:
+                    # hooks fire from the top layer down: the first note is where the sample went bad
+                    for row in bad.nonzero().flatten().tolist():
+                        state["bad_rows"].setdefault(row, f"gradient in layer {ref.layer} ({ref.name})")
+                    fired.add(position)
+                    state["pending"].append((position, inputs.pop(position), delta))
+                    return
                 if bool(bad.any()):
-                    ref = refs[position]
                     sample = int(batch.index[bad.nonzero()[0, 0]])
                     name = sample_names(sample) if sample_names else f"sample {sample}"
                     raise NonFiniteGradient(f"non-finite gradient for {name} in layer {ref.layer} ({ref.name})")
@@ -102,6 +130,7 @@ def run_pass(
                 on_device = batch.to(device)
                 state["batch"], state["cache"] = batch, {}
                 state["first_bad_layer"] = torch.full((len(batch.index),), -1)
+                state["bad_rows"], state["pending"] = {}, []
                 inputs.clear()
                 fired.clear()
                 with torch.enable_grad():
@@ -111,14 +140,22 @@ def run_pass(
                     losses = per_sample_loss(logits, on_device.labels)
                     bad = ~torch.isfinite(losses)
                     if bool(bad.any()):
-                        row = int(bad.nonzero()[0, 0])
-                        sample = int(batch.index[row])
-                        name = sample_names(sample) if sample_names else f"sample {sample}"
-                        layer = int(state["first_bad_layer"][row])
-                        where = f" (first non-finite activations at the output of layer {layer})" if layer >= 0 else ""
-                        raise NonFiniteGradient(f"non-finite loss for {name}{where}")
+                        rows = bad.nonzero().flatten().tolist()
+                        if skipped is None:
+                            rows = rows[:1]
+                        for row in rows:
+                            sample = int(batch.index[row])
+                            name = sample_names(sample) if sample_names else f"sample {sample}"
+                            layer = int(state["first_bad_layer"][row])
+                            where = f" (first non-finite activations at the output of layer {layer})" if layer >= 0 else ""
+                            if skipped is None:
+                                raise NonFiniteGradient(f"non-finite loss for {name}{where}")
+                            state["bad_rows"][row] = f"loss{where}"
+                        losses = torch.where(bad, torch.zeros_like(losses), losses)
                     del logits
                     losses.sum().backward()
+                if skipped is not None:
+                    _consume_without_bad_rows(state, batch, consume, skipped)
                 for position in range(len(refs)):
                     if position not in fired:  # a matrix the loss does not reach: zero gradient
                         x = inputs.pop(position, None)

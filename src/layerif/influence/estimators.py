@@ -15,9 +15,13 @@ ESTIMATORS = ("datainf", "exact", "identity")
 DAMPING_SCALE = 0.1
 
 
-def damping(sq_norms: torch.Tensor, n_params: int, scale: float = DAMPING_SCALE) -> float:
-    """lambda_W = scale * (1/n) sum_i mean(g_i^2) = scale * mean(||g_i||^2) / d_W."""
-    return float(scale * sq_norms.double().mean() / n_params)
+def damping(sq_norms: torch.Tensor, n_params: int, scale: float = DAMPING_SCALE, n: int | None = None) -> float:
+    """lambda_W = scale * (1/n) sum_i mean(g_i^2) = scale * mean(||g_i||^2) / d_W.
+
+    `n` counts the samples that take part (default: all); left-out samples carry zero norms.
+    """
+    n = sq_norms.numel() if n is None else n
+    return float(scale * sq_norms.double().sum() / max(n, 1) / n_params)
 
 
 def _datainf_terms(gv: torch.Tensor, sq: torch.Tensor, lam: float) -> torch.Tensor:
@@ -33,27 +37,29 @@ def influence_from_factors(
     val_each: torch.Tensor | None = None,
     max_bytes: int = 1 << 30,
     reduce=None,
+    n_effective: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """(I (n,), I_pairwise (n, m) or None, lambda) for one matrix.
 
     val_sum is v_W = sum_j grad l(v_j) as (d_out, d_in); val_each the per-validation-sample gradients
     (m, d_out, d_in), needed only for the pairwise matrix. `reduce` sums a tensor over data-parallel
     ranks when `train` holds only this rank's samples (zeros elsewhere); then sq_norms must be reduced.
+    `n_effective` is the number of samples taking part when some were left out (their factors are zero).
     """
     reduce = reduce or (lambda tensor: tensor)
     if estimator not in ESTIMATORS:
         raise LayerIFError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
-    n = train.n
+    n = train.n if n_effective is None else n_effective
     n_params = train.d_in * train.d_out
     sq = train.sq_norms.double()
-    lam = damping(sq, n_params)
+    lam = damping(sq, n_params, n=n)
     need_kernel = estimator == "exact" or val_each is not None
     if not need_kernel:
         gv = reduce(train.dots(val_sum))
         if estimator == "identity":
             return -gv, None, lam
         if lam == 0.0:  # every gradient is zero: nothing flows through this matrix
-            return torch.zeros(n, dtype=torch.float64), None, lam
+            return torch.zeros(train.n, dtype=torch.float64), None, lam
         coefficients = _datainf_terms(gv, sq, lam)
         # K c without forming K: u = sum_i c_i g_i, then g_i . u
         correction = reduce(train.dots(reduce(train.weighted_sum(coefficients))))
@@ -66,14 +72,14 @@ def influence_from_factors(
     if estimator == "identity":
         return -gv, (None if pair is None else -pair), lam
     if lam == 0.0:
-        zeros = torch.zeros(n, dtype=torch.float64)
+        zeros = torch.zeros(train.n, dtype=torch.float64)
         return zeros, (None if pair is None else torch.zeros_like(pair)), lam
     if estimator == "datainf":
         def apply(values: torch.Tensor) -> torch.Tensor:
             return -(values - kernel @ _datainf_terms(values, sq, lam) / n) / lam
     else:
         # Woodbury: (G^T G / n + lam I)^-1 v = (1/lam) [v - G^T (n lam I + G G^T)^-1 G v]
-        system = kernel + n * lam * torch.eye(n, dtype=torch.float64)
+        system = kernel + n * lam * torch.eye(train.n, dtype=torch.float64)
         factor = torch.linalg.cholesky(system)
 
         def apply(values: torch.Tensor) -> torch.Tensor:

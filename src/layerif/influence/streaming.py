@@ -19,6 +19,7 @@ class StreamingInfluence:
         self.estimator = estimator
         self.shapes = shapes
         self.n = n
+        self.n_effective = n  # lowered when samples are left out for non-finite gradients
         self.compute_dtype = compute_dtype
         self.v: list[torch.Tensor | None] = [None] * len(shapes)
         self.u: list[torch.Tensor | None] = [None] * len(shapes)
@@ -50,7 +51,7 @@ class StreamingInfluence:
     def finish_first(self) -> None:
         """Between passes 1 and 2: lambda and c for every matrix."""
         for position, (d_out, d_in) in enumerate(self.shapes):
-            self.lam[position] = damping(self.sq[position], d_in * d_out)
+            self.lam[position] = damping(self.sq[position], d_in * d_out, n=self.n_effective)
         safe = torch.where(self.lam > 0, self.lam, torch.ones_like(self.lam))
         self.coefficients = self.gv / (safe.unsqueeze(1) + self.sq)
 
@@ -71,5 +72,5 @@ class StreamingInfluence:
         if self.estimator == "identity":
             return -self.gv
         safe = torch.where(self.lam > 0, self.lam, torch.ones_like(self.lam)).unsqueeze(1)
-        values = -(self.gv - self.gu / self.n) / safe
+        values = -(self.gv - self.gu / self.n_effective) / safe
         return torch.where(self.lam.unsqueeze(1) > 0, values, torch.zeros_like(values))
