@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from layerif.data.loading import row_text
-from layerif.data.tokens import encode_texts, make_batches
+from layerif.data.tokens import Batch, encode_texts, make_batches
 from layerif.errors import LayerIFError
+from layerif.gradients.passes import measure_pass
 from layerif.gradients.plan import (
     STRATEGIES,
     estimate_factor_bytes,
@@ -140,12 +141,12 @@ def default_budget(device: torch.device) -> int:
     return int(psutil.virtual_memory().available * 0.5)
 
 
-def _spill_io_cost(model: nn.Module, batches, factor_bytes: int, spill_dir: str | None,
+def _spill_io_cost(forward_s_per_token: float, batches, factor_bytes: int, spill_dir: str | None,
                    forced: bool) -> tuple[float | None, dict]:
     """Estimated cost of writing the factors to disk and reading them back, in forward passes over `batches`.
 
-    Measured, not guessed: a synced 64 MiB write to the spill directory and one forward of the longest batch.
-    None when the disk lacks room for the factors (plus 1 GiB).
+    Measured, not guessed: a synced 64 MiB write to the spill directory, against the forward time per
+    token timed on the longest batch. None when the disk lacks room for the factors (plus 1 GiB).
     """
     from layerif.gradients.spill import disk_write_bandwidth, free_disk_bytes
 
@@ -158,17 +159,7 @@ def _spill_io_cost(model: nn.Module, batches, factor_bytes: int, spill_dir: str 
     if not batches:
         return 0.0, {}
     bandwidth = disk_write_bandwidth(spill_dir)
-    device = next(model.parameters()).device
-    longest = max(batches, key=lambda batch: batch.input_ids.numel()).to(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=longest.input_ids, attention_mask=longest.attention_mask, use_cache=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tokens = sum(int(batch.input_ids.numel()) for batch in batches)
-    forward_s = (time.perf_counter() - started) * tokens / max(int(longest.input_ids.numel()), 1)
+    forward_s = forward_s_per_token * sum(int(batch.input_ids.numel()) for batch in batches)
     # written once, read back once from disk (a layer's repeated reads then come from the page cache)
     io_s = 2 * factor_bytes / bandwidth
     probe = {"spill_disk_write_bytes_per_s": round(bandwidth), "spill_forward_s": round(forward_s, 3),
@@ -244,11 +235,16 @@ def score_layers(
     val_encoded = _encode(val_rows, tokenizer, config.max_length, "validation")
     pad_id = 0 if tokenizer is None else (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    all_train_batches = _length_sorted_batches(train_encoded, config.batch_size, pad_id)
-    train_batches = _length_sorted_batches(train_encoded, config.batch_size, pad_id,
-                                           dist.shard(len(train_encoded)) if dist.enabled else None)
-    val_batches = _length_sorted_batches(val_encoded, config.batch_size, pad_id,
-                                         dist.shard(len(val_encoded)) if dist.enabled else None)
+
+    def batches_of(size: int):
+        """(all training, this rank's training, this rank's validation) batches of `size` samples."""
+        return (_length_sorted_batches(train_encoded, size, pad_id),
+                _length_sorted_batches(train_encoded, size, pad_id,
+                                       dist.shard(len(train_encoded)) if dist.enabled else None),
+                _length_sorted_batches(val_encoded, size, pad_id,
+                                       dist.shard(len(val_encoded)) if dist.enabled else None))
+
+    all_train_batches, train_batches, val_batches = batches_of(config.batch_size)
     timings["tokenize_s"] = time.perf_counter() - started
 
     wrapped = None
@@ -276,13 +272,25 @@ def score_layers(
         elem = next(scored_model.parameters()).element_size()
         budget = parse_bytes(config.max_memory) or default_budget(device)
         shared = shared_inputs(scored_model, per_layer, all_train_batches[0])
+        # One forward measures a batch's working memory and the forward speed; the batch shrinks when its
+        # activations would take more than half the budget (the results do not depend on the batch size).
+        # Probed on the single longest sample, so the probe itself stays small.
+        longest = all_train_batches[0]
+        one = Batch(longest.input_ids[:1], longest.attention_mask[:1], longest.labels[:1], longest.index[:1])
+        bytes_per_sample, probe_s = measure_pass(scored_model, one)
+        forward_s_per_token = probe_s / max(int(one.input_ids.numel()), 1)
+        batch_size = config.batch_size
+        if bytes_per_sample * batch_size > budget // 2 and batch_size > 1:
+            batch_size = max(1, min(batch_size, int(budget // 2 // max(bytes_per_sample, 1))))
+        batch_size = dist.broadcast_object(batch_size)
+        if batch_size != config.batch_size:
+            all_train_batches, train_batches, val_batches = batches_of(batch_size)
+        activation = int(bytes_per_sample * max(len(batch.index) for batch in all_train_batches))
         layer_bytes = estimate_factor_bytes(per_layer, train_batches, elem, shared)
+        val_bytes = estimate_factor_bytes(per_layer, val_batches, elem, shared)
         if config.pairwise:
-            val_bytes = estimate_factor_bytes(per_layer, val_batches, elem, shared)
             layer_bytes = [a + b for a, b in zip(layer_bytes, val_bytes)]
-        largest_batch = max(int(batch.input_ids.numel()) for batch in all_train_batches)
-        vocab = getattr(getattr(scored_model, "config", None), "vocab_size", 0) or 0
-        working = working_bytes(per_layer, largest_batch, vocab, elem)
+        working = working_bytes(per_layer, activation)
         from layerif.influence.engine import layer_unit
 
         remaining = [layer for layer in range(len(per_layer))
@@ -291,7 +299,9 @@ def score_layers(
         store_budget = max(budget - working, 1)
         spill_io_cost, spill_probe = None, {}
         if remaining and config.strategy in ("auto", "spill") and sum(remaining_bytes) > store_budget:
-            spill_io_cost, spill_probe = _spill_io_cost(scored_model, train_batches, sum(remaining_bytes), spill_dir,
+            # a spill writes the validation factors too (already in layer_bytes with --pairwise)
+            disk_bytes = sum(remaining_bytes) + (0 if config.pairwise else sum(val_bytes[layer] for layer in remaining))
+            spill_io_cost, spill_probe = _spill_io_cost(forward_s_per_token, train_batches, disk_bytes, spill_dir,
                                                         forced=config.strategy == "spill")
         plan = plan_passes(
             config.estimator, config.pairwise, remaining_bytes, store_budget,
@@ -303,6 +313,10 @@ def score_layers(
             plan.mode, plan.reason = "store", "every layer was already in the checkpoint"
         plan.passes = len(plan.groups) if plan.mode == "store" else (plan.passes if remaining else 0)
         plan.budget_bytes = budget
+        plan.batch_size, plan.activation_bytes = batch_size, activation
+        if batch_size != config.batch_size:
+            plan.reason += (f"; batches of {batch_size} instead of {config.batch_size} samples so that one batch's "
+                            f"activations (~{activation / (1 << 30):.2f} GiB) stay within half the budget")
         if plan.mode != "store" or len(plan.groups) > 1:
             plan.reason += (f" (of the {budget / (1 << 30):.2f} GiB --max-memory, {min(working, budget) / (1 << 30):.2f} GiB"
                             " is set aside for activations and weight-sized sums)")

@@ -127,3 +127,30 @@ def test_spill_crash_resumes_from_finished_layers(tmp_path, monkeypatch):
     assert resumed.metadata["plan"]["groups"] == [[1, 2]]
     torch.testing.assert_close(resumed.q, clean.q, rtol=1e-6, atol=0)
     assert list(spill.iterdir()) == []
+
+
+def test_small_budget_shrinks_the_batch_without_changing_scores():
+    tok = TinyTokenizer()
+    train, val = tiny_texts(9, seed=76), tiny_texts(3, seed=77)
+    roomy = score_layers(tiny_llama(layers=2, seed=9), tok, train, val, ScoreConfig(quiet=True, batch_size=4))
+    tight = score_layers(tiny_llama(layers=2, seed=9), tok, train, val,
+                         ScoreConfig(quiet=True, batch_size=4, max_memory=1))
+    assert roomy.metadata["plan"]["batch_size"] == 4
+    assert tight.metadata["plan"]["batch_size"] == 1 and "batches of 1 instead of 4" in tight.metadata["plan"]["reason"]
+    torch.testing.assert_close(tight.q, roomy.q, rtol=1e-5, atol=1e-5 * roomy.q.abs().max().item())
+
+
+def test_measured_pass_memory_grows_with_the_batch():
+    from layerif.data.tokens import EncodedSet, make_batches
+    from layerif.gradients.passes import measure_pass
+
+    model = tiny_llama(layers=2, seed=10)
+    model.model.norm.weight.requires_grad_(False)
+    flags = [param.requires_grad for param in model.parameters()]
+    ids = [torch.randint(3, 60, (16,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    small, large = make_batches(EncodedSet(ids[:2]), 2, 0)[0], make_batches(EncodedSet(ids), 8, 0)[0]
+    small_bytes, _ = measure_pass(model, small)
+    large_bytes, seconds = measure_pass(model, large)
+    assert small_bytes > 0 and seconds > 0
+    assert 3.0 < large_bytes / small_bytes < 5.0  # activations scale with the samples in the batch
+    assert [param.requires_grad for param in model.parameters()] == flags  # weights' flags are restored

@@ -11,12 +11,10 @@ from layerif.models.blocks import MatrixRef
 STRATEGIES = ("auto", "store", "spill", "stream")
 
 
-def working_bytes(per_layer: Sequence[Sequence[MatrixRef]], batch_tokens: int, vocab: int, elem: int) -> int:
-    """Rough memory of one pass besides stored factors: v and u accumulators plus one batch's activations."""
+def working_bytes(per_layer: Sequence[Sequence[MatrixRef]], activation_bytes: int) -> int:
+    """Memory of one pass besides stored factors: one batch's activations plus v and u accumulators."""
     weights = sum(ref.n_params for refs in per_layer for ref in refs)
-    activations = batch_tokens * sum(ref.d_in + ref.d_out for refs in per_layer for ref in refs) * elem
-    logits = batch_tokens * vocab * 4 * 3
-    return 2 * weights * 4 + 2 * activations + logits
+    return activation_bytes + 2 * weights * 4
 
 
 def shared_inputs(model, per_layer: Sequence[Sequence[MatrixRef]], batch: Batch) -> set[tuple[int, str]]:
@@ -81,6 +79,8 @@ class PassPlan:
     reason: str
     factor_bytes: int = 0
     budget_bytes: int = 0
+    batch_size: int = 0  # samples per batch of the passes (may be below --batch-size to fit the budget)
+    activation_bytes: int = 0  # estimated working memory of one batch's forward+backward
     estimated_cost: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -130,7 +130,7 @@ def plan_passes(
     spill_wins = spill_ok and spill_cost < stream_cost and (spill_cost < store_cost or not fits)
     if force == "spill" or (force is None and spill_wins):
         why = "requested" if force == "spill" else (
-            f"factors need {total / gib:.2f} GiB > {budget_bytes / gib:.2f} GiB budget; one pass writing them to "
+            f"factors need {total / gib:.2f} GiB > {budget_bytes / gib:.2f} GiB left for them; one pass writing them to "
             f"disk (estimated cost {spill_cost:.1f}) beats {len(groups)} layer groups ({store_cost:.1f})"
             + (f" and streaming ({stream_cost:.1f})" if stream_ok else "")
             + " in forward-pass units"

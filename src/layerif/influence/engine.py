@@ -232,12 +232,7 @@ def compute_influence(
 
         for position, ref in enumerate(tqdm(refs, desc=f"{label} {estimator}", disable=quiet, leave=False,
                                             unit="matrix", dynamic_ncols=True)):
-            val_each = None
-            if val_factors is not None:
-                index, grads = next(val_factors[position].materialised(max_bytes=1 << 62))
-                val_each = torch.empty_like(grads)
-                val_each[index] = grads
-                val_each = val_each.view(n_val, ref.d_out, ref.d_in)
+            val_each = _each_gradient(val_factors[position]) if val_factors is not None else None
             values, values_pair, lam = influence_from_factors(
                 estimator, train_factors[position], val_sum[position], val_each, max_bytes=kernel_bytes,
                 reduce=dist.all_reduce_sum, n_effective=n_effective,
@@ -264,6 +259,14 @@ def _result(influence, pair, damping_values, passes: int, left_out: LeftOut) -> 
                            dict(sorted(left_out.val.items())))
 
 
+def _each_gradient(factors: MatrixFactors) -> torch.Tensor:
+    """Every sample's gradient of one matrix, in sample order: (n, d_out, d_in) (for the pairwise matrix)."""
+    index, grads = next(factors.materialised(max_bytes=1 << 62))
+    ordered = torch.empty_like(grads)
+    ordered[index] = grads
+    return ordered.view(factors.n, factors.d_out, factors.d_in)
+
+
 def _consume_val(val_sum: list, compute_dtype: torch.dtype):
     """Consumer adding each validation batch's gradient sum to val_sum[position]."""
     def consume(position, batch, x, delta, cache):
@@ -283,7 +286,11 @@ def _train_sq_norms(x: torch.Tensor, delta: torch.Tensor, ref: MatrixRef, comput
 def _spilled_influence(model, per_layer, train_batches, val_batches, n_train, n_val, estimator, pairwise, layers,
                        compute_dtype, quiet, kernel_bytes, dist, spill_dir, influence, damping_values, pair,
                        slot_of, save_layer, left_out: LeftOut) -> None:
-    """One validation and one training pass writing factors to disk, then each layer scored from its files."""
+    """One validation and one training pass writing factors to disk, then each layer scored from its files.
+
+    Validation factors go to disk too (v is summed per layer when it is scored), so neither pass holds
+    weight-sized sums of every layer at once.
+    """
     from tqdm.auto import tqdm
 
     from layerif.gradients.spill import SpillStore
@@ -294,13 +301,8 @@ def _spilled_influence(model, per_layer, train_batches, val_batches, n_train, n_
     first_layer = left_out.first_layer(min(layers))
     store = SpillStore(spill_dir, prefix=f"rank{dist.rank}")
     try:
-        val_sum: list[torch.Tensor | None] = [None] * len(refs)
-        sum_val = _consume_val(val_sum, compute_dtype)
-
         def consume_val(position, batch, x, delta, cache):
-            sum_val(position, batch, x, delta, cache)
-            if pairwise:
-                store.write("val", refs[position].layer, position, batch.index, x, delta, cache)
+            store.write("val", refs[position].layer, position, batch.index, x, delta, cache)
 
         sq_norms = torch.zeros(len(refs), n_train, dtype=torch.float64)
 
@@ -322,20 +324,12 @@ def _spilled_influence(model, per_layer, train_batches, val_batches, n_train, n_
             for position, ref in enumerate(refs):
                 if ref.layer != layer:
                     continue
-                if val_sum[position] is None:
-                    val_sum[position] = torch.zeros(ref.d_out, ref.d_in, dtype=compute_dtype, device=device)
-                v = dist.all_reduce_sum(val_sum[position])
-                val_sum[position] = None
+                val_factors = store.factors("val", layer, position, n_val, ref.d_in, ref.d_out, compute_dtype,
+                                            torch.zeros(n_val, dtype=torch.float64))
+                v = dist.all_reduce_sum(val_factors.weighted_sum(torch.ones(n_val, dtype=compute_dtype)).to(device))
                 factors = store.factors("train", layer, position, n_train, ref.d_in, ref.d_out, compute_dtype,
                                         sq_norms[position])
-                val_each = None
-                if pairwise:
-                    val_factors = store.factors("val", layer, position, n_val, ref.d_in, ref.d_out, compute_dtype,
-                                                torch.zeros(n_val, dtype=torch.float64))
-                    index, grads = next(val_factors.materialised(max_bytes=1 << 62))
-                    val_each = torch.empty_like(grads)
-                    val_each[index] = grads
-                    val_each = val_each.view(n_val, ref.d_out, ref.d_in)
+                val_each = _each_gradient(val_factors) if pairwise else None
                 values, values_pair, lam = influence_from_factors(
                     estimator, factors, v, val_each, max_bytes=kernel_bytes, reduce=dist.all_reduce_sum,
                     n_effective=n_effective)
