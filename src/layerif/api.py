@@ -158,7 +158,13 @@ def _spill_io_cost(forward_s_per_token: float, batches, factor_bytes: int, spill
         return None, {"spill_disk_free_bytes": free}
     if not batches:
         return 0.0, {}
-    bandwidth = disk_write_bandwidth(spill_dir)
+    try:
+        bandwidth = disk_write_bandwidth(spill_dir)
+    except OSError as exc:
+        if forced:
+            raise LayerIFError(f"cannot write spilled gradients under {spill_dir or 'the temporary directory'}: "
+                               f"{exc.strerror or exc}") from None
+        return None, {"spill_disk_error": str(exc)}
     forward_s = forward_s_per_token * sum(int(batch.input_ids.numel()) for batch in batches)
     # written once, read back once from disk (a layer's repeated reads then come from the page cache)
     io_s = 2 * factor_bytes / bandwidth

@@ -154,3 +154,11 @@ def test_measured_pass_memory_grows_with_the_batch():
     assert small_bytes > 0 and seconds > 0
     assert 3.0 < large_bytes / small_bytes < 5.0  # activations scale with the samples in the batch
     assert [param.requires_grad for param in model.parameters()] == flags  # weights' flags are restored
+
+
+def test_unwritable_spill_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(LayerIFError, match="cannot write spilled gradients under"):
+        score_layers(tiny_llama(layers=2), TinyTokenizer(), tiny_texts(6, seed=78), tiny_texts(2, seed=79),
+                     ScoreConfig(quiet=True, strategy="spill"), spill_dir=str(blocker / "spill"))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from layerif.errors import LayerIFError
 from layerif.gradients.factors import MatrixFactors
 
 
@@ -60,10 +61,14 @@ class SpillStore:
 
     def __init__(self, directory: str | Path | None = None, prefix: str = "factors"):
         root = Path(directory) if directory is not None else None
-        if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
-        remove_stale_spills(root or Path(tempfile.gettempdir()))
-        self.directory = Path(tempfile.mkdtemp(prefix=f".layerif-spill-{os.getpid()}-", dir=root))
+        try:
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+            remove_stale_spills(root or Path(tempfile.gettempdir()))
+            self.directory = Path(tempfile.mkdtemp(prefix=f".layerif-spill-{os.getpid()}-", dir=root))
+        except OSError as exc:
+            raise LayerIFError(f"cannot write spilled gradients under {root or tempfile.gettempdir()}: "
+                               f"{exc.strerror or exc}") from None
         self.prefix = prefix
         self._files: dict[tuple[str, int], object] = {}
         self._chunks: dict[tuple[str, int, int], list[SpilledChunk]] = {}
@@ -80,7 +85,11 @@ class SpillStore:
         offset = handle.tell()
         data = tensor.detach().contiguous()
         if data.numel():
-            handle.write(data.cpu().view(torch.uint8).numpy().data)
+            try:
+                handle.write(data.cpu().view(torch.uint8).numpy().data)
+            except OSError as exc:
+                raise LayerIFError(f"writing spilled gradients to {self.directory} failed: {exc.strerror or exc} "
+                                   "(free some disk, or pick another place with --spill-dir)") from None
             self.bytes_written += data.numel() * data.element_size()
         return _Block(offset, tuple(data.shape))
 
