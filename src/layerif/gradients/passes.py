@@ -67,6 +67,8 @@ def measure_pass(model: nn.Module, batch: Batch) -> tuple[int, float]:
     handle = blocks[0].register_forward_pre_hook(_start_graph, with_kwargs=True)
     on_device = batch.to(device)
     try:
+        with torch.no_grad():  # warm-up: the first forward after loading pays one-off costs
+            model(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask, use_cache=False)
         started = time.perf_counter()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             logits = model(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask,
