@@ -40,6 +40,8 @@ def test_score_writes_all_outputs(setup, capsys):
     record = json.loads((out / "run.json").read_text())
     assert record["passes"] >= 1 and record["data"]["train"]["sha256"] and record["versions"]["torch"]
     assert record["config"]["estimator"] == "datainf" and "load_model_s" in record["timings_s"]
+    assert 0 < record["peak_rss_scoring_bytes"] <= record["peak_rss_bytes"]
+    assert record["left_out"] == {"training": {}, "validation": {}} and record["world_size"] == 1
     csv_head = (out / "layer_scores.csv").read_text().splitlines()[0].split(",")
     for column in ("layer", "S_pos", "S_top25", "S_all", "n_pos", "n_train", "n_val", "n_params"):
         assert column in csv_head

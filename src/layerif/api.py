@@ -146,7 +146,8 @@ def _spill_io_cost(forward_s_per_token: float, batches, factor_bytes: int, spill
     """Estimated cost of writing the factors to disk and reading them back, in forward passes over `batches`.
 
     Measured, not guessed: a synced 64 MiB write to the spill directory, against the forward time per
-    token timed on the longest batch. None when the disk lacks room for the factors (plus 1 GiB).
+    token timed on the longest sample. None when the disk lacks room for the factors (plus 1 GiB) or
+    cannot be written.
     """
     from layerif.gradients.spill import disk_write_bandwidth, free_disk_bytes
 
@@ -228,7 +229,6 @@ def score_layers(
 
     config = config or ScoreConfig()
     config.validate()
-    peak_is_scoring = restart_peak_rss()  # so the model's loading peak does not hide the scoring peak
     dist = distributed.current()
     if dist.enabled and (config.estimator == "exact" or config.pairwise):
         raise LayerIFError("data-parallel scoring supports datainf and identity without --pairwise; "
@@ -364,7 +364,6 @@ def score_layers(
         "left_out": {"training": {str(k): v for k, v in result.left_out_train.items()},
                      "validation": {str(k): v for k, v in result.left_out_val.items()}},
         "peak_rss_bytes": peak_rss_bytes(),
-        "peak_rss_scoring_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak_is_scoring else None,
         "world_size": dist.world_size,
         "n_train": n_train,
         "n_val": len(val_rows),

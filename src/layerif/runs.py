@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import time
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from layerif.api import ScoreConfig, peak_rss_bytes, score_layers
+from layerif.api import ScoreConfig, peak_rss_bytes, restart_peak_rss, score_layers
 from layerif.errors import LayerIFError
 from layerif.io import atomic_write_json
 from layerif.scores import LayerScores
@@ -112,9 +113,11 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
     loaded = load_model(run.model, run.gguf_file, run.dtype, None if run.device_map else device,
                         device_map=run.device_map, quiet=run.config.quiet)
     timings["load_model_s"] = time.perf_counter() - clock
+    peak_is_scoring = restart_peak_rss()  # so the model's loading peak does not hide the scoring peak
     scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config,
                           checkpoint_dir=str(out / CHECKPOINT_DIR), restart=run.overwrite,
                           spill_dir=run.spill_dir or str(out / CHECKPOINT_DIR))
+    scoring_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak_is_scoring else None
     timings.update(scores.metadata.pop("timings", {}))
     if not dist.is_main:  # rank 0 writes the outputs
         return scores, out
@@ -150,7 +153,7 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
             "left_out": scores.metadata.get("left_out"),
             "timings_s": {key: round(value, 3) for key, value in timings.items()},
             "peak_rss_bytes": peak_rss_bytes(),
-            "peak_rss_scoring_bytes": scores.metadata.get("peak_rss_scoring_bytes"),
+            "peak_rss_scoring_bytes": scoring_peak,
             "peak_gpu_bytes": scores.metadata.get("peak_gpu_bytes"),
             "versions": package_versions(),
             "outputs": list(OUTPUT_FILES),
