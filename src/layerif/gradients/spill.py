@@ -39,7 +39,7 @@ class SpilledChunk:
     device: torch.device
 
     def _map(self, block: _Block) -> torch.Tensor:
-        nbytes = int(np.prod(block.shape)) * torch.empty((), dtype=self.dtype).element_size()
+        nbytes = int(np.prod(block.shape)) * self.dtype.itemsize
         if nbytes == 0:
             return torch.zeros(block.shape, dtype=self.dtype, device=self.device)
         # copy-on-write mapping: writable for torch, never written, unmapped when the tensor is freed
@@ -72,7 +72,6 @@ class SpillStore:
         self.prefix = prefix
         self._files: dict[tuple[str, int], object] = {}
         self._chunks: dict[tuple[str, int, int], list[SpilledChunk]] = {}
-        self.bytes_written = 0
 
     def path(self, part: str, layer: int) -> Path:
         return self.directory / f"{self.prefix}-{part}-{layer:04d}.bin"
@@ -90,7 +89,6 @@ class SpillStore:
             except OSError as exc:
                 raise LayerIFError(f"writing spilled gradients to {self.directory} failed: {exc.strerror or exc} "
                                    "(free some disk, or pick another place with --spill-dir)") from None
-            self.bytes_written += data.numel() * data.element_size()
         return _Block(offset, tuple(data.shape))
 
     def write(self, part: str, layer: int, position: int, index: torch.Tensor, x: torch.Tensor,

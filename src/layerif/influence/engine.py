@@ -319,11 +319,11 @@ def _spilled_influence(model, per_layer, train_batches, val_batches, n_train, n_
         n_effective = left_out.n_effective()
         dist.all_reduce_sum(sq_norms)
         device = next(model.parameters()).device
+        positions_of = {layer: [p for p, ref in enumerate(refs) if ref.layer == layer] for layer in layers}
         for layer in tqdm(layers, desc=f"{estimator} from disk", disable=quiet, leave=False, unit="layer",
                           dynamic_ncols=True):
-            for position, ref in enumerate(refs):
-                if ref.layer != layer:
-                    continue
+            for position in positions_of[layer]:
+                ref = refs[position]
                 val_factors = store.factors("val", layer, position, n_val, ref.d_in, ref.d_out, compute_dtype,
                                             torch.zeros(n_val, dtype=torch.float64))
                 v = dist.all_reduce_sum(val_factors.weighted_sum(torch.ones(n_val, dtype=compute_dtype)).to(device))
