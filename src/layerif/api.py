@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
+from layerif.args import ScoreConfig
 from layerif.data.loading import row_text
 from layerif.data.tokens import Batch, encode_texts, make_batches
 from layerif.errors import LayerIFError
 from layerif.gradients.passes import measure_pass
 from layerif.gradients.plan import (
-    STRATEGIES,
     estimate_factor_bytes,
     plan_passes,
     shared_inputs,
     working_bytes,
 )
 from layerif.influence.engine import compute_influence
-from layerif.influence.estimators import ESTIMATORS
 from layerif.models.blocks import select_matrices
 from layerif.scores import LayerScores
 
@@ -43,55 +42,6 @@ def parse_bytes(text: str | int | float | None) -> int | None:
     if unit not in _UNITS or value <= 0:
         raise LayerIFError(f"cannot read memory size {text!r}; write e.g. 4GiB, 512MB or a number of bytes")
     return int(value * _UNITS[unit])
-
-
-@dataclass
-class ScoreConfig:
-    """Arguments of a scoring run (each field's help is the CLI's)."""
-
-    n_train: int | None = field(default=None, metadata={"help": "Training rows used (first n; None = all given)."})
-    n_val: int | None = field(default=None, metadata={"help": "Validation rows used (first n; None = all given)."})
-    sample_seed: int | None = field(default=None, metadata={"help": "Pick a random subset with this seed instead of the first rows."})
-    max_length: int = field(default=128, metadata={"help": "Tokens per sample after truncation."})
-    params: str = field(default="full", metadata={"help": "Parameter space: full (block weights) or lora (LoRA adapters)."})
-    modules: str = field(default="all", metadata={"help": "Matrices of each block: attn, mlp or all."})
-    estimator: str = field(default="datainf", metadata={"help": "Inverse-Hessian estimator: datainf, exact or identity."})
-    batch_size: int = field(default=8, metadata={"help": "Samples per forward/backward batch."})
-    max_memory: int | str | None = field(default=None, metadata={"help": "Budget for stored gradients (e.g. 4GiB); default half the free memory."})
-    pairwise: bool = field(default=False, metadata={"help": "Also keep the n_train x n_val influence matrix per layer."})
-    strategy: str = field(default="auto", metadata={"help": "auto, store (factors in memory per layer group), spill (factors to disk, one pass) or stream (3 passes of sums)."})
-    on_nonfinite: str = field(default="error", metadata={"help": "A sample with a non-finite loss or gradient: error (stop, naming it) or skip (leave it out, list it in run.json)."})
-    compute_dtype: str = field(default="float32", metadata={"help": "dtype of the estimator's matmuls (float32 or float64)."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank for --params lora."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for --params lora."})
-    finetune_epochs: float = field(default=0.0, metadata={"help": "Epochs of LoRA fine-tuning on the train set before scoring (lora space)."})
-    finetune_lr: float = field(default=3e-4, metadata={"help": "Learning rate of that fine-tuning."})
-    seed: int = field(default=0, metadata={"help": "Seed for LoRA initialisation and fine-tuning."})
-    quiet: bool = field(default=False, metadata={"help": "No progress bars."})
-
-    def validate(self) -> None:
-        """Raise LayerIFError on a bad combination of arguments."""
-        if self.estimator not in ESTIMATORS:
-            raise LayerIFError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
-        if self.params not in ("full", "lora"):
-            raise LayerIFError(f"--params must be full or lora, got {self.params!r}")
-        if self.modules not in ("attn", "mlp", "all"):
-            raise LayerIFError(f"--modules must be attn, mlp or all, got {self.modules!r}")
-        if self.strategy not in STRATEGIES:
-            raise LayerIFError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.on_nonfinite not in ("error", "skip"):
-            raise LayerIFError(f"--on-nonfinite must be error or skip, got {self.on_nonfinite!r}")
-        if self.compute_dtype not in ("float32", "float64"):
-            raise LayerIFError(f"compute dtype must be float32 or float64, got {self.compute_dtype!r}")
-        if self.batch_size < 1:
-            raise LayerIFError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.max_length < 2:
-            raise LayerIFError(f"--max-length must be at least 2, got {self.max_length}")
-        for name in ("n_train", "n_val"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise LayerIFError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        parse_bytes(self.max_memory)
 
 
 def _texts(rows, what: str) -> list[str]:

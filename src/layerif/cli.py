@@ -15,14 +15,22 @@ app.add_typer(allocate_app, name="allocate")
 app.add_typer(moe_app, name="moe")
 
 
-# ---- scoring commands (layerif score, layerif demo) ----
-def _score_config(**kwargs):
-    from layerif.api import ScoreConfig
+# ---- scoring commands (layerif score, layerif demo, layerif stability) ----
+from layerif.args import ScoreConfig, config_options  # noqa: E402  (the options of these commands come from its fields)
 
-    return ScoreConfig(**kwargs)
+
+def _report_left_out(scores) -> None:
+    left_out = scores.metadata.get("left_out") or {}
+    for which, samples in left_out.items():
+        if samples:
+            listed = "; ".join(f"{which} sample {k}: {v}" for k, v in list(samples.items())[:5])
+            more = f" (and {len(samples) - 5} more)" if len(samples) > 5 else ""
+            typer.echo(f"warning: left out {len(samples)} {which} sample(s) with non-finite loss or gradient: "
+                       f"{listed}{more}; see run.json", err=True)
 
 
 @app.command()
+@config_options()
 def score(
     model: str = typer.Option(..., "--model", help="Hub id, local model directory, .gguf file, or built-in name (smollm2-135m)."),
     train: str = typer.Option(..., "--train", help="Training data: JSONL/JSON/CSV file, or dataset name with --train-split."),
@@ -31,37 +39,17 @@ def score(
     gguf_file: str | None = typer.Option(None, "--gguf-file", help="GGUF file name inside --model's directory."),
     train_split: str | None = typer.Option(None, "--train-split", help="Split of a datasets dataset for --train."),
     val_split: str | None = typer.Option(None, "--val-split", help="Split of a datasets dataset for --val."),
-    n_train: int = typer.Option(300, "--n-train", help="Training rows (first n, as in the paper)."),
-    n_val: int = typer.Option(50, "--n-val", help="Validation rows (first n)."),
-    sample_seed: int | None = typer.Option(None, "--sample-seed", help="Random subset with this seed instead of the first rows."),
-    max_length: int = typer.Option(128, "--max-length", help="Tokens per sample after truncation."),
-    params: str = typer.Option("full", "--params", help="Parameter space: full or lora."),
-    modules: str = typer.Option("all", "--modules", help="Block matrices: attn, mlp or all."),
-    estimator: str = typer.Option("datainf", "--estimator", help="datainf, exact or identity."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Samples per batch."),
-    max_memory: str | None = typer.Option(None, "--max-memory", help="Budget for stored gradients, e.g. 4GiB (default: half the free memory)."),
-    pairwise: bool = typer.Option(False, "--pairwise", help="Also save the n_train x n_val influence per layer."),
-    strategy: str = typer.Option("auto", "--strategy", help="auto, store (in memory), spill (to disk) or stream."),
-    on_nonfinite: str = typer.Option("error", "--on-nonfinite", help="A sample with a non-finite loss or gradient: error (stop and name it) or skip (leave it out, list it in run.json)."),
     spill_dir: str | None = typer.Option(None, "--spill-dir", help="Where spilled gradient factors go (default: inside --out)."),
-    finetune_epochs: float = typer.Option(0.0, "--finetune-epochs", help="LoRA fine-tuning epochs before scoring (--params lora)."),
-    lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank (--params lora)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, float16 (default: the checkpoint's)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto: spread a model too large for one device."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
+    config: ScoreConfig = None,
 ) -> None:
     """Score every block of MODEL with LayerIF on your train/validation data."""
     from layerif.report.tables import print_layer_table
     from layerif.runs import ScoreRun, describe, run_score
 
-    config = _score_config(
-        n_train=n_train, n_val=n_val, sample_seed=sample_seed, max_length=max_length, params=params,
-        modules=modules, estimator=estimator, batch_size=batch_size, max_memory=max_memory, pairwise=pairwise,
-        strategy=strategy, finetune_epochs=finetune_epochs, lora_rank=lora_rank, quiet=quiet,
-        on_nonfinite=on_nonfinite,
-    )
     run = ScoreRun(model=model, train=train, val=val, out=out, gguf_file=gguf_file, train_split=train_split,
                    val_split=val_split, dtype=dtype, device=device, device_map=device_map, overwrite=overwrite,
                    spill_dir=spill_dir, config=config)
@@ -70,33 +58,25 @@ def score(
 
     if not current().is_main:  # data-parallel: rank 0 reports
         return
-    left_out = scores.metadata.get("left_out") or {}
-    for which, samples in left_out.items():
-        if samples:
-            listed = "; ".join(f"{which} sample {k}: {v}" for k, v in list(samples.items())[:5])
-            more = f" (and {len(samples) - 5} more)" if len(samples) > 5 else ""
-            typer.echo(f"warning: left out {len(samples)} {which} sample(s) with non-finite loss or gradient: "
-                       f"{listed}{more}; see run.json", err=True)
-    if not quiet:
-        print_layer_table(scores, title=f"LayerIF layer scores ({estimator}, {params} space, {modules} modules)")
+    _report_left_out(scores)
+    if not config.quiet:
+        print_layer_table(scores, title=f"LayerIF layer scores ({config.estimator}, {config.params} space, "
+                                        f"{config.modules} modules)")
     typer.echo(describe(path))
 
 
 @app.command()
+@config_options(only=("n_train", "n_val", "batch_size", "bootstrap", "quiet"), defaults={"n_train": 120, "n_val": 30})
 def demo(
     model: str = typer.Option("smollm2-135m", "--model", help="Model to score (default: the built-in SmolLM2-135M)."),
     task: str = typer.Option("facts", "--task", help="Built-in demo task: facts, capitals or arithmetic."),
-    n_train: int = typer.Option(120, "--n-train", help="Training rows generated."),
-    n_val: int = typer.Option(30, "--n-val", help="Validation rows generated."),
     out: str = typer.Option("runs/demo", "--out", help="Output directory."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Samples per batch."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    config: ScoreConfig = None,
 ) -> None:
     """Score the built-in model on a built-in task and print the per-layer table (replaces --out)."""
     from layerif.report.tables import print_layer_table
     from layerif.runs import ScoreRun, describe, run_score
 
-    config = _score_config(n_train=n_train, n_val=n_val, batch_size=batch_size, quiet=quiet)
     run = ScoreRun(model=model, train=None, val=None, out=out, overwrite=True, demo_task=task, config=config)
     scores, path = run_score(run)
     print_layer_table(scores, title=f"LayerIF layer scores — {model} on the built-in '{task}' task")
