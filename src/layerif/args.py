@@ -43,6 +43,11 @@ def _check_memory(value: object) -> None:
     parse_bytes(value)
 
 
+def _positive_or_none(value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise LayerIFError(f"--lissa-scale must be positive, got {value}")
+
+
 def argument(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
              minimum: float | None = None, flag: str | None = None, cli_default: Any = MISSING,
              cli_type: type | None = None, check: Callable[[Any], None] | None = None,
@@ -143,7 +148,7 @@ class EstimatorArguments(_Arguments):
                                   choices=("float32", "float64"))
     lissa_depth: int = argument(200, "Iterations of the LiSSA recursion (--estimator lissa).", minimum=1)
     lissa_scale: float | None = argument(None, "Scale of the LiSSA recursion (--estimator lissa; default: a bound "
-                                         "on the largest eigenvalue).", minimum=0)
+                                         "on the largest eigenvalue).", check=_positive_or_none)
     bootstrap: int = argument(0, "Bootstrap resamples of the training samples for intervals of every score "
                               "(e.g. 1000; 0 = off).", minimum=0)
     bootstrap_seed: int = argument(0, "Seed of the bootstrap resamples.")
