@@ -154,7 +154,7 @@ def run_fingerprint(model: nn.Module, config: ScoreConfig, train_encoded, val_en
             digest.update(ids.numpy().tobytes())
             digest.update(b"|")
     first = next(model.parameters())
-    settings = {k: v for k, v in asdict(config).items() if k not in ("quiet", "max_memory", "strategy")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("quiet", "max_memory", "strategy", "bootstrap", "bootstrap_seed")}
     return {
         "config": settings,
         "model": {"class": type(model).__name__, "name": getattr(getattr(model, "config", None), "_name_or_path", ""),
@@ -322,7 +322,7 @@ def score_layers(
     }
     if device.type == "cuda":
         metadata["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    return LayerScores(
+    scores = LayerScores(
         q=q.float(),
         module_names=module_names,
         q_modules=q_modules.float(),
@@ -331,6 +331,11 @@ def score_layers(
         q_pairwise=q_pairwise,
         metadata=metadata,
     )
+    if config.bootstrap:
+        started = time.perf_counter()
+        scores.bootstrap(config.bootstrap, config.bootstrap_seed)
+        timings["bootstrap_s"] = time.perf_counter() - started
+    return scores
 
 
 def _module_order(per_layer):
