@@ -148,3 +148,12 @@ def test_cli_values_reach_the_config(monkeypatch, capsys):
     assert (config.estimator, config.bootstrap, config.bootstrap_seed, config.max_memory) == ("exact", 100, 3, "2GiB")
     assert (config.n_train, config.n_val, config.quiet, config.lissa_scale) == (300, 7, True, 4.5)
     assert seen["run"].model == "m" and seen["run"].out == "o"
+
+
+def test_stability_shares_the_scoring_options():
+    stability = options("stability")
+    for spec in dataclasses.fields(ScoreConfig):
+        if spec.name in ("n_train", "n_val", "sample_seed"):  # per split there, and the splits have their own seed
+            continue
+        assert stability[spec.name].opts == [flag_of(spec)] and stability[spec.name].default == cli_default_of(spec)
+    assert stability["n_train"].required and stability["n_val"].required and "sample_seed" not in stability

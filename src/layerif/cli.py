@@ -1,4 +1,4 @@
-"""Command line: `layerif score | demo | allocate | prune | evaluate | moe`. Thin: parse, call the API, print."""
+"""Command line: `layerif score | demo | stability | allocate | prune | evaluate | moe`. Thin: parse, call the API, print."""
 
 from __future__ import annotations
 
@@ -81,6 +81,38 @@ def demo(
     scores, path = run_score(run)
     print_layer_table(scores, title=f"LayerIF layer scores — {model} on the built-in '{task}' task")
     typer.echo(describe(path))
+
+
+@app.command()
+@config_options(exclude=("n_train", "n_val", "sample_seed"))
+def stability(
+    model: str = typer.Option(..., "--model", help="Hub id, local model directory, .gguf file, or built-in name (smollm2-135m)."),
+    train: str = typer.Option(..., "--train", help="Training data: JSONL/JSON/CSV file, or dataset name with --train-split."),
+    val: str = typer.Option(..., "--val", help="Validation data: JSONL/JSON/CSV file, or dataset name with --val-split."),
+    out: str = typer.Option(..., "--out", help="Output directory for stability.json, stability.csv and split_<k>/."),
+    splits: int = typer.Option(2, "--splits", help="Number K of disjoint train/validation splits (>= 2)."),
+    n_train: int = typer.Option(..., "--n-train", help="Training rows per split (the data needs K x n_train rows)."),
+    n_val: int = typer.Option(..., "--n-val", help="Validation rows per split (the data needs K x n_val rows)."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the shuffle that deals the rows into splits."),
+    train_split: str | None = typer.Option(None, "--train-split", help="Split of a datasets dataset for --train."),
+    val_split: str | None = typer.Option(None, "--val-split", help="Split of a datasets dataset for --val."),
+    gguf_file: str | None = typer.Option(None, "--gguf-file", help="GGUF file name inside --model's directory."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, float16 (default: the checkpoint's)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing result in --out."),
+    config: ScoreConfig = None,
+) -> None:
+    """Score K disjoint splits of the data and report how well their layer profiles agree."""
+    from layerif.scores import AGGREGATIONS
+    from layerif.stability import StabilityRun, run_stability
+
+    run = StabilityRun(model=model, train=train, val=val, out=out, splits=splits, n_train=n_train, n_val=n_val,
+                       split_seed=split_seed, train_split=train_split, val_split=val_split, gguf_file=gguf_file,
+                       dtype=dtype, device=device, overwrite=overwrite, config=config)
+    result, path = run_stability(run)
+    for how in AGGREGATIONS:
+        typer.echo(result.sentence(how))
+    typer.echo(f"wrote stability.json, stability.csv and split_0..split_{splits - 1} to {path}")
 
 
 # ---- end scoring commands ----
