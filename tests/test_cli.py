@@ -66,7 +66,7 @@ def test_existing_run_is_refused_then_overwritten(setup, capsys):
     [
         ({"--train": "missing.jsonl"}, "data file not found"),
         ({"--n-train": "500"}, "asked for 500 training rows but the data has only 12"),
-        ({"--estimator": "lissa"}, "unknown estimator"),
+        ({"--estimator": "nosuch"}, "unknown estimator"),  # not "lissa": the registry may hold it
         ({"--modules": "ffn"}, "--modules must be"),
         ({"--max-memory": "lots"}, "cannot read memory size"),
         ({"--model": "./no/such/dir"}, "model directory not found"),
