@@ -107,13 +107,11 @@ class _Arguments:
 
 @dataclass(kw_only=True)
 class DataArguments(_Arguments):
-    """Which rows are scored and how a sample becomes tokens and a loss."""
+    """Which rows are scored (n_train / n_val None: every row given) and how a sample becomes tokens and a loss."""
 
-    n_train: int | None = argument(None, "Training rows: the first n (the paper's 300 on the command line; in Python "
-                                   "the default None keeps every row given).",
+    n_train: int | None = argument(None, "Training rows scored: the first n of the data.",
                                    minimum=1, cli_default=PAPER_N_TRAIN)
-    n_val: int | None = argument(None, "Validation rows: the first n (50 on the command line, all rows given in "
-                                 "Python).",
+    n_val: int | None = argument(None, "Validation rows scored: the first n of the data.",
                                  minimum=1, cli_default=PAPER_N_VAL)
     sample_seed: int | None = argument(None, "Pick a random subset with this seed instead of the first rows.")
     max_length: int = argument(128, "Tokens per sample after truncation.", minimum=2)
@@ -194,10 +192,6 @@ class ScoreConfig(ExecutionArguments, EstimatorArguments, SpaceArguments, DataAr
 
 # ---- CLI options generated from the fields ----
 
-def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(ScoreConfig)
-
-
 def config_options(only: Iterable[str] | None = None, exclude: Iterable[str] = (),
                    defaults: dict[str, Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for a typer command: one option per ScoreConfig field, passed to the command as `config`.
@@ -206,7 +200,7 @@ def config_options(only: Iterable[str] | None = None, exclude: Iterable[str] = (
     `defaults` replaces a field's CLI default for this command (e.g. the demo's smaller n_train).
     """
     defaults = defaults or {}
-    hints = _field_types()
+    hints = typing.get_type_hints(ScoreConfig)
     wanted = [spec for spec in fields(ScoreConfig)
               if (only is None or spec.name in set(only)) and spec.name not in set(exclude)]
     unknown = (set(only or ()) | set(defaults)) - {spec.name for spec in fields(ScoreConfig)}
