@@ -179,6 +179,8 @@ def score_layers(
 
     config = config or ScoreConfig()
     config.validate()
+    if config.loss != "tokens":  # the answer-only / custom loss is not wired into the passes in this version
+        raise LayerIFError(f"--loss {config.loss!r} is not supported by this version; use --loss tokens")
     dist = distributed.current()
     if dist.enabled and (config.estimator == "exact" or config.pairwise):
         raise LayerIFError("data-parallel scoring supports datainf and identity without --pairwise; "
