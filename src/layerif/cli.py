@@ -417,6 +417,84 @@ def moe_evaluate_command(
 # ---- end LoRA-MoE commands ----
 
 
+# ---- report and export commands (layerif report, layerif export peft, layerif export sparsity) ----
+export_app = typer.Typer(no_args_is_help=True, help="Write an allocation in the form other tools take (PEFT, pruning).")
+app.add_typer(export_app, name="export")
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    from pathlib import Path
+
+    from layerif.errors import LayerIFError
+
+    if Path(out).is_dir():
+        raise LayerIFError(f"--out {out} is a directory; give a file name")
+    if Path(out).exists() and not overwrite:
+        raise LayerIFError(f"--out {out} already exists; pass --overwrite to replace it")
+
+
+@app.command("report")
+def report_command(
+    runs: list[str] = typer.Argument(..., help="Run folders written by `layerif score` (one per task or setting)."),
+    out: str = typer.Option(..., "--out", help="HTML file to write, e.g. report.html (self-contained, opens offline)."),
+    budget: int | None = typer.Option(None, "--budget", help="Total experts for the expert allocations (default 5 x blocks)."),
+    beta: float = typer.Option(2.5, "--beta", help="Exponent beta of the expert allocations."),
+    sparsity: float = typer.Option(0.5, "--sparsity", help="Target mean sparsity of the pruning allocations."),
+    epsilon: float = typer.Option(0.3, "--epsilon", help="Spread of the pruning ratio map."),
+    score: str = typer.Option("S_pos", "--score", help="Layer score the allocations and comparisons use."),
+    model: str | None = typer.Option(None, "--model", help="The scored model: adds AlphaLoRA, AlphaPruning (and OWL with --calib)."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration text for OWL (needs --model)."),
+    calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences (OWL)."),
+) -> None:
+    """One HTML page per study: profiles, intervals, module shares, allocations, and cross-task similarity."""
+    from layerif.report.html import ReportOptions, build_report, model_inputs
+
+    options = ReportOptions(budget=budget, beta=beta, sparsity=sparsity, epsilon=epsilon, score=score)
+    options.validate()
+    path = build_report(runs, out, options, model_inputs(model, calib, calib_sequences))
+    typer.echo(f"wrote {path}")
+
+
+@export_app.command("peft")
+def export_peft_command(
+    scores: str = typer.Option(..., "--scores", help="Run folder of `layerif score`."),
+    total_rank: int = typer.Option(..., "--total-rank", help="Sum of the per-block LoRA ranks (>= number of blocks)."),
+    out: str = typer.Option(..., "--out", help="JSON file of LoraConfig keyword arguments."),
+    beta: float = typer.Option(2.5, "--beta", help="Exponent beta > 0 applied to the scores."),
+    score: str = typer.Option("S_pos", "--score", help="Layer score: S_pos, S_top25 or S_all."),
+    alpha_ratio: float = typer.Option(2.0, "--alpha-ratio", help="lora_alpha = ratio x rank for every module."),
+    dropout: float = typer.Option(0.05, "--dropout", help="lora_dropout."),
+    blocks_path: str | None = typer.Option(None, "--blocks-path", help="Prefix of the block list, e.g. model.layers (default: keys like 3.self_attn.q_proj)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+) -> None:
+    """A PEFT LoraConfig whose rank_pattern gives each block's matrices a LayerIF-allocated rank."""
+    from layerif.export import lora_ranks, peft_lora_config, write_peft_config
+    from layerif.scores import LayerScores
+
+    _refuse_existing(out, overwrite)
+    loaded = LayerScores.load(scores)
+    config = peft_lora_config(loaded, total_rank, beta, score, alpha_ratio, dropout, blocks_path)
+    path = write_peft_config(config, out)
+    typer.echo(f"ranks per block: {','.join(map(str, lora_ranks(loaded, total_rank, beta, score)))}")
+    typer.echo(f"wrote {path} (LoraConfig(**json.load(open({str(path)!r}))))")
+
+
+@export_app.command("sparsity")
+def export_sparsity_command(
+    ratios: str = typer.Option(..., "--ratios", help="ratios.json written by `layerif allocate sparsity` or `layerif prune`."),
+    out: str = typer.Option(..., "--out", help="File to write."),
+    fmt: str = typer.Option("yaml", "--format", help="yaml, json or csv."),
+    blocks_path: str | None = typer.Option(None, "--blocks-path", help="Rename the blocks.<l> prefix of ratios made without --model, e.g. model.layers."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+) -> None:
+    """Per-module sparsity map (module name -> ratio) and the per-block list, for pruning toolkits."""
+    from layerif.export import write_sparsity
+
+    _refuse_existing(out, overwrite)
+    typer.echo(f"wrote {write_sparsity(ratios, fmt, out, blocks_path)}")
+# ---- end report and export commands ----
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     from layerif.errors import LayerIFError
