@@ -54,7 +54,7 @@ def test_interval_is_shown_when_present():
     assert all("├" in s and "┤" in s and "●" in s for s in strips)
     assert [s.index("●") for s in strips] == sorted(s.index("●") for s in strips)
     assert strips[0].index("●") < strips[-1].index("●")
-    assert "(1–3)" in rows[0] and "bootstrap interval" in "".join(lines)
+    assert "(1–3)" in rows[0] and "95 % bootstrap" in " ".join(lines)
     narrow = [_bar_of(line) for line in _render(_frame([1.0, 2.0, 4.0], True, 0.001)) if line.startswith("│")]
     assert all("●" in s for s in narrow)  # an interval narrower than a cell still shows the estimate
 
