@@ -62,3 +62,16 @@ def test_interval_is_shown_when_present():
 def test_interval_strip_positions():
     strip = interval_strip(1.0, 2.0, 3.0, 0.0, 4.0, width=9)
     assert strip == "  ├─●─┤"
+
+
+def test_layer_scores_object_prints_its_profile():
+    import torch
+
+    from layerif.scores import LayerScores
+
+    q = torch.arange(1, 6, dtype=torch.float32)[:, None] * torch.ones(5, 8) + 100.0  # S_pos 808 ... 840
+    scores = LayerScores(q=q, module_names=["mlp.down_proj"], q_modules=q[:, None, :], n_params=[10] * 5, n_val=2)
+    buffer = io.StringIO()
+    print_layer_table(scores, console=Console(file=buffer, width=140, color_system=None))
+    bars = [_bar_of(line) for line in buffer.getvalue().splitlines() if line.startswith("│")]
+    assert [len(b) for b in bars] == sorted(len(b) for b in bars) and len(bars[0]) < len(bars[-1]) == BAR_WIDTH

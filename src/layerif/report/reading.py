@@ -57,7 +57,7 @@ def describe_run(view: RunView, score: str, experts: AllocationTable | None = No
     sentences = []
     if n_layers > 1:
         sentences.append(
-            f"{_blocks(top).capitalize()} score highest on {score} ({', '.join(_number(values[i]) for i in sorted(top))})"
+            f"{_blocks(top).capitalize()} {'scores' if len(top) == 1 else 'score'} highest on {score} ({', '.join(_number(values[i]) for i in sorted(top))})"
             f" and {_blocks(bottom)} lowest ({', '.join(_number(values[i]) for i in sorted(bottom))}): by LayerIF's "
             f"reading the highest-scoring blocks are the most sensitive to this data, i.e. the least well trained.")
     sentences.extend(_interval_sentences(view, score, top))
