@@ -464,15 +464,16 @@ def export_peft_command(
     score: str = typer.Option("S_pos", "--score", help="Layer score: S_pos, S_top25 or S_all."),
     alpha_ratio: float = typer.Option(2.0, "--alpha-ratio", help="lora_alpha = ratio x rank for every module."),
     dropout: float = typer.Option(0.05, "--dropout", help="lora_dropout."),
-    blocks_path: str | None = typer.Option(None, "--blocks-path", help="Prefix of the block list, e.g. model.layers (default: keys like 3.self_attn.q_proj)."),
+    blocks_path: str | None = typer.Option(None, "--blocks-path", help="Prefix of the block list, e.g. model.layers (default: the run's record, else keys like 3.self_attn.q_proj)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """A PEFT LoraConfig whose rank_pattern gives each block's matrices a LayerIF-allocated rank."""
-    from layerif.export import lora_ranks, peft_lora_config, write_peft_config
+    from layerif.export import lora_ranks, peft_lora_config, recorded_blocks_path, write_peft_config
     from layerif.scores import LayerScores
 
     _refuse_existing(out, overwrite)
     loaded = LayerScores.load(scores)
+    blocks_path = blocks_path or recorded_blocks_path(scores)
     config = peft_lora_config(loaded, total_rank, beta, score, alpha_ratio, dropout, blocks_path)
     path = write_peft_config(config, out)
     typer.echo(f"ranks per block: {','.join(map(str, lora_ranks(loaded, total_rank, beta, score)))}")

@@ -35,6 +35,16 @@ def rank_key(layer: int, module: str, blocks_path: str | None = None) -> str:
     return f"{blocks_path}.{layer}.{module}" if blocks_path else f"{layer}.{module}"
 
 
+def recorded_blocks_path(run_dir: str | Path) -> str | None:
+    """The block list's attribute path if the run recorded one in run.json (`model.blocks_path`), else None."""
+    try:
+        record = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    path = (record.get("model") or {}).get("blocks_path") if isinstance(record, dict) else None
+    return path if isinstance(path, str) and path else None
+
+
 def lora_ranks(scores: LayerScores, total_rank: int, beta: float = 2.5, score: str = "S_pos") -> np.ndarray:
     """Per-block LoRA rank: the DESIGN §4 expert rule applied to rank units (>= 1 per block, summing to R)."""
     from layerif.allocate.experts import layerif_counts

@@ -122,3 +122,18 @@ def test_sparsity_export_bad_input(ratio_files, tmp_path, capsys):
     assert run_cli("export", "sparsity", "--ratios", str(tmp_path / "none.json"), "--out", str(tmp_path / "c.yaml")) == 2
     assert not (tmp_path / "b.yaml").exists() and not (tmp_path / "c.yaml").exists()
     assert np.all([line.startswith("error:") for line in capsys.readouterr().err.strip().splitlines()])
+
+
+def test_peft_keys_use_a_recorded_block_path(runs, tmp_path):
+    import shutil
+
+    _, scored, _ = runs
+    copy = tmp_path / "run"
+    shutil.copytree(scored, copy)
+    record = json.loads((copy / "run.json").read_text())
+    record["model"]["blocks_path"] = "model.layers"
+    (copy / "run.json").write_text(json.dumps(record))
+    out = tmp_path / "lora.json"
+    assert run_cli("export", "peft", "--scores", str(copy), "--total-rank", "8", "--out", str(out)) == 0
+    keys = list(json.loads(out.read_text())["rank_pattern"])
+    assert len(keys) == 7 * N_LAYERS and all(key.startswith("model.layers.") for key in keys)
