@@ -66,7 +66,7 @@ def module_share_svg(view: RunView, salt: str) -> str | None:
     labels, shares = module_shares(view)
     if not labels:
         return None
-    figure = _new_figure(11, 0.45 * len(labels) + 1.2)
+    figure = _new_figure(11, 0.28 * len(labels) + 1.0)
     axis = figure.subplots()
     image = axis.imshow(shares.T, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     axis.set_yticks(range(len(labels)), labels, fontsize=8)
