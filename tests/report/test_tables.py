@@ -42,6 +42,13 @@ def test_bars_follow_the_profile_from_the_minimum():
     np.testing.assert_allclose(np.diff(lengths) / (lengths[-1] - lengths[0]), np.diff(values) / 0.6e10, atol=0.01)
 
 
+def test_short_number():
+    from layerif.report.tables import short_number
+
+    assert short_number(193600.0) == "1.936e5" and short_number(2.4e10) == "2.4e10"
+    assert short_number(-3.2e-7) == "-3.2e-7" and short_number(12.5) == "12.5"
+
+
 def test_bar_lengths_edge_cases():
     assert bar_lengths([5.0, 5.0]).tolist() == [1, 1]
     assert bar(17) == "██▏"

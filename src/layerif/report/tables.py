@@ -37,6 +37,13 @@ def interval_strip(low: float, value: float, high: float, start: float, stop: fl
     return "".join(cells).rstrip()
 
 
+def short_number(value: float, digits: int = 4) -> str:
+    """A compact `g` format without exponent padding: 193600 -> 1.936e5, 2.4e10 -> 2.4e10."""
+    text = f"{value:.{digits}g}"
+    mantissa, _, exponent = text.partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else text
+
+
 def print_layer_table(scores, title: str = "LayerIF layer scores", console=None) -> None:
     """Print one row per layer: scores, counts, rank and a min-max bar of S_pos (its interval when there is one).
 
@@ -56,11 +63,12 @@ def print_layer_table(scores, title: str = "LayerIF layer scores", console=None)
         start, stop = min(low.min(), s_pos.min()), max(high.max(), s_pos.max())
         graphic = [interval_strip(lo, value, hi, start, stop) for lo, value, hi in zip(low, s_pos, high)]
         heading = "S_pos ├─●─┤"
-        caption = f"├ ┤ 95 % bootstrap interval and ● estimate on a scale from {start:.4g} to {stop:.4g}"
+        caption = (f"├ ┤ 95 % bootstrap interval and ● estimate on a scale from {short_number(start)} to "
+                   f"{short_number(stop)}")
     else:
         graphic = [bar(length) for length in bar_lengths(s_pos)]
         heading = "S_pos (min → max)"
-        caption = f"bar from the column minimum {s_pos.min():.4g} to the maximum {s_pos.max():.4g}"
+        caption = f"bar from the column minimum {short_number(s_pos.min())} to the maximum {short_number(s_pos.max())}"
     table = Table(title=title, title_style="bold",
                   caption=f"higher S = more sensitive to the data = less well trained; {caption}")
     for column in ("layer", "S_pos", "S_top25", "S_all", "n_pos", "rank (range)" if has_rank_range else "rank"):
@@ -70,6 +78,6 @@ def print_layer_table(scores, title: str = "LayerIF layer scores", console=None)
         ranked = str(int(rank.iloc[position]))
         if has_rank_range:
             ranked += f" ({int(frame['rank_lo'].iloc[position])}–{int(frame['rank_hi'].iloc[position])})"
-        table.add_row(str(int(row.layer)), f"{row.S_pos:.4g}", f"{row.S_top25:.4g}", f"{row.S_all:.4g}",
+        table.add_row(str(int(row.layer)), short_number(row.S_pos), short_number(row.S_top25), short_number(row.S_all),
                       f"{int(row.n_pos)}/{int(row.n_train)}", ranked, graphic[position])
     (console or Console()).print(table)
