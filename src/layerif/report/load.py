@@ -96,10 +96,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunView:
 def unique_names(paths: list[str | Path]) -> list[str]:
     """Short display names for run folders: the folder name, qualified by its parent when names repeat."""
     resolved = [Path(p).resolve() for p in paths]
-    names = [p.name for p in resolved]
-    for index, name in enumerate(names):
-        if names.count(name) > 1:
-            names[index] = f"{resolved[index].parent.name}/{name}"
+    plain = [p.name for p in resolved]
+    names = [f"{path.parent.name}/{name}" if plain.count(name) > 1 else name for path, name in zip(resolved, plain)]
     seen: dict[str, int] = {}
     for index, name in enumerate(names):  # still equal (same folder given twice): number them
         seen[name] = seen.get(name, 0) + 1
