@@ -417,23 +417,55 @@ def moe_evaluate_command(
 # ---- end LoRA-MoE commands ----
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (the output folder keeps what an interrupted run keeps)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted_line(argv: list[str]) -> str:
+    import shlex
+
+    from layerif.outdir import last_interrupted
+
+    command = shlex.join(["layerif", *argv])
+    if last_interrupted.get("kept"):
+        return (f"interrupted: finished work kept in {last_interrupted['kept']}; "
+                f"run the same command again to resume: {command}")
+    return f"interrupted: nothing was written; run the command again to start over: {command}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
-    from layerif.errors import LayerIFError
+    import signal
+    import threading
 
+    from layerif.errors import LayerIFError
+    from layerif.outdir import last_interrupted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    last_interrupted.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(args=argv, standalone_mode=True)
     except LayerIFError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        typer.echo(_interrupted_line(argv), err=True)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
         if os.environ.get("LAYERIF_DEBUG"):
             raise
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (set LAYERIF_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
