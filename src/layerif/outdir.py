@@ -212,7 +212,7 @@ class OutputFolder:
                                "write beside them (they are kept) or choose another folder")
         earlier = sorted(name for name, command in owned.items()
                          if name in entries and (command == self.command or name in self.names))
-        if earlier and not self.overwrite:
+        if earlier and not self.overwrite and not self.shared:  # adding beside: our own earlier output is replaced
             what = "another run" if "run.json" in earlier else f"{earlier[0]} from an earlier run"
             raise LayerIFError(f"{flag} {out} already holds {what}; pass --overwrite or choose another directory")
 
