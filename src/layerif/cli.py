@@ -385,6 +385,16 @@ def _interrupted_line(argv: list[str]) -> str:
     return f"interrupted: nothing was written; run the command again to start over: {command}"
 
 
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     import signal
@@ -406,6 +416,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as exc:
         typer.echo(_interrupted_line(argv), err=True)
         sys.exit(143 if isinstance(exc, Terminated) else 130)
+    except SystemExit as exc:  # typer turns Ctrl-C into a silent exit 130: say what was kept
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        typer.echo(_interrupted_line(argv), err=True)
+        sys.exit(143 if isinstance(interrupt, Terminated) else 130)
     except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
         if os.environ.get("LAYERIF_DEBUG"):
             raise

@@ -48,6 +48,10 @@ def _real_file(path: Path) -> bool:
     return path.is_file() and not path.is_symlink()
 
 
+def _is_plain_name(name: str) -> bool:
+    return "/" not in name and name not in ("", ".", "..", MANIFEST, CHECKPOINT)
+
+
 def read_manifest(out: Path) -> dict[str, str]:
     """Files of `out` that we wrote -> the command that wrote each ({} when there is no valid manifest of ours)."""
     path = out / MANIFEST
@@ -58,7 +62,7 @@ def read_manifest(out: Path) -> dict[str, str]:
             return {}
         if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("files"), dict):
             return {str(name): str(command) for name, command in data["files"].items()
-                    if "/" not in str(name) and str(name) not in ("", ".", "..")}
+                    if _is_plain_name(str(name)) and _real_file(out / str(name))}
         return {}
     run_record = out / "run.json"  # a score run written before the manifest existed lists its outputs itself
     if _real_file(run_record):
@@ -67,7 +71,8 @@ def read_manifest(out: Path) -> dict[str, str]:
         except (OSError, ValueError):
             return {}
         if isinstance(record, dict) and record.get("format") == "layerif.run/1":
-            return {str(name): "score" for name in record.get("outputs", []) if "/" not in str(name)}
+            return {str(name): "score" for name in record.get("outputs", [])
+                    if _is_plain_name(str(name)) and _real_file(out / str(name))}
     return {}
 
 
@@ -87,7 +92,7 @@ def checkpoint_is_ours(path: Path) -> bool:
 
 
 def _remove_ours(folder: Path, names: Iterable[str]) -> None:
-    """Delete the listed entries of `folder` that are plain files or real folders (never through a link)."""
+    """Delete the listed entries of `folder` that are plain files, and our checkpoint (never through a link)."""
     for name in names:
         entry = folder / name
         if entry.is_symlink() or not entry.exists():
@@ -95,10 +100,8 @@ def _remove_ours(folder: Path, names: Iterable[str]) -> None:
         if entry.is_dir():
             if name == CHECKPOINT:
                 discard_checkpoint(entry)
-            else:
-                shutil.rmtree(entry)
-        else:
-            entry.unlink()
+            continue  # we write no other folders: one here is not ours
+        entry.unlink()
 
 
 def discard_checkpoint(path: Path) -> None:
@@ -131,13 +134,12 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def _model_folder(source: str | Path | None) -> Path | None:
+def _model_path(source: str | Path | None) -> Path | None:
+    """The resolved local model folder or model file behind a --model argument (None for hub ids)."""
     if source is None:
         return None
     path = Path(source).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        path = path.parent
-    return path.resolve() if path.is_dir() else None
+    return path.resolve() if path.is_dir() or path.is_file() else None
 
 
 class OutputFolder:
@@ -149,7 +151,7 @@ class OutputFolder:
         self.out = Path(out).expanduser()
         self.command = command
         self.overwrite = overwrite
-        self.inputs = [path for path in map(_model_folder, inputs) if path is not None]
+        self.inputs = [path for path in map(_model_path, inputs) if path is not None]
         self.names = list(names)
         self.shared = shared  # the folder may hold other files (a model folder, a scores folder): we add ours beside
         self.uses_checkpoint = checkpoint
@@ -184,11 +186,10 @@ class OutputFolder:
         if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
             raise LayerIFError(f"cannot write into {flag} {out}: the folder is not writable")
         resolved = out.resolve()
-        for model in self.inputs:
-            if resolved == model and self.shared:
-                continue
-            if resolved == model or model in resolved.parents or resolved in model.parents:
-                raise LayerIFError(f"{flag} {out} is, is inside, or contains the input model folder {model}; "
+        for model in self.inputs if not self.shared else ():  # adding files beside others cannot hurt a model
+            inside = model.is_dir() and model in resolved.parents  # a model file's own folder may hold outputs
+            if resolved == model or inside or resolved in model.parents:
+                raise LayerIFError(f"{flag} {out} is, is inside, or contains the input model {model}; "
                                    "choose a separate folder")
         if out.is_dir():
             self._check_contents()
@@ -297,8 +298,7 @@ class OutputFolder:
             from layerif.checkpoint import has_units as checkpoint_has_units
 
             has_units = checkpoint_has_units(checkpoint)
-        interrupted = not issubclass(exc_type, LayerIFError) and not issubclass(exc_type, SystemExit)
-        if interrupted and has_units:
+        if issubclass(exc_type, KeyboardInterrupt) and has_units:  # Ctrl-C / SIGTERM: keep what resumes
             last_interrupted.update(kept=str(checkpoint))
             return
         if self.uses_checkpoint and not self._checkpoint_existed and checkpoint_is_ours(checkpoint):
@@ -348,15 +348,8 @@ class OutputFolder:
                 pass  # someone put a file there meanwhile: it stays
             return out
         # The folder also holds the user's (or another command's) files: switch ours in one by one, the manifest last.
-        for name in staged:
-            target = out / name
-            if name in owned and _real_dir(target):
-                aside = out.parent / f".{out.name}.old-{os.getpid()}-{name}"
-                os.rename(target, aside)
-                os.rename(staging / name, target)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(staging / name, target)
+        for name in staged:  # every target is absent or a plain file of ours (checked above)
+            os.replace(staging / name, out / name)
         _remove_ours(out, sorted(replaced - set(staged)))
         _write_manifest(out, files)
         if self.uses_checkpoint:

@@ -74,7 +74,7 @@ def validate(run: ScoreRun) -> OutputFolder:
     if not config.finetune_epochs >= 0 or config.finetune_epochs == float("inf"):
         raise LayerIFError(f"--finetune-epochs must be a finite number >= 0, got {config.finetune_epochs}")
     budget = parse_bytes(config.max_memory)
-    if budget is not None and budget < 1 << 20 and not config.quiet:
+    if budget is not None and budget < 1 << 20:
         print(f"warning: --max-memory {config.max_memory} is below 1 MiB: every layer gets passes of its own "
               "(slow; fine for testing)", file=sys.stderr)
     if run.spill_dir is not None:
