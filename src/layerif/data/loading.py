@@ -35,7 +35,7 @@ def _read_file(path: Path) -> list[dict]:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError as exc:
                             raise LayerIFError(f"{path}: line {line_no}, column {exc.colno}: not valid JSON "
-                                              f"({exc.msg.rstrip(': ')})") from exc
+                                              f"({exc.msg.removesuffix(' at')})") from exc
             return rows
         if suffix == ".json":
             with open(path, encoding="utf-8") as handle:
@@ -54,7 +54,7 @@ def _read_file(path: Path) -> list[dict]:
                 return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     except json.JSONDecodeError as exc:
         raise LayerIFError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON "
-                          f"({exc.msg.rstrip(': ')})") from exc
+                          f"({exc.msg.removesuffix(' at')})") from exc
     except UnicodeDecodeError as exc:
         raise LayerIFError(f"{path}: not UTF-8 text") from exc
     raise LayerIFError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .tsv")
