@@ -201,16 +201,16 @@ def test_6_rejected_run_leaves_no_trace(t, tmp_path, capsys):
 
 
 def test_6_error_after_work_started_leaves_no_checkpoint(t, tmp_path, capsys, monkeypatch):
-    import layerif.runs as runs
+    import layerif.report.plots as plots
 
     def refuse(*args, **kwargs):
         from layerif.errors import LayerIFError
 
-        raise LayerIFError("simulated rejection after loading")
+        raise LayerIFError("simulated rejection after scoring")
 
-    monkeypatch.setattr(runs, "score_layers", refuse)
+    monkeypatch.setattr(plots, "plot_layer_scores", refuse)  # after the checkpoint has its units
     out = tmp_path / "run"
-    assert run_cli(*score(t, out)) == 2
+    assert run_cli(*score(t, out, "--max-memory", "1", "--strategy", "store")) == 2
     capsys.readouterr()
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -421,7 +421,7 @@ def test_11_interrupt_says_what_was_kept(tmp_path, sig, code):
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
     assert process.returncode == code
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning: --max-memory")]
     assert len(lines) == 1 and "kept in" in lines[0] and ".checkpoint" in lines[0] and "resume" in lines[0]
     assert "layerif score" in lines[0]
     assert (out / ".checkpoint" / "manifest.json").is_file() and not (out / "run.json").exists()
