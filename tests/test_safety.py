@@ -476,7 +476,7 @@ def test_14_broken_jsonl_line_is_located(t, tmp_path, capsys):
     args[args.index("--train") + 1] = str(bad)
     assert run_cli(*args) == 2
     err = one_error_line(capsys)
-    assert f"{bad}: line 2, column" in err and "Invalid control character" in err
+    assert f"{bad}: line 2 is not valid JSON at column 14" in err and "Invalid control character" in err
 
 
 # ---- every writing command against a folder of user files ----

@@ -34,7 +34,7 @@ def _read_file(path: Path) -> list[dict]:
                         try:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError as exc:
-                            raise LayerIFError(f"{path}: line {line_no}, column {exc.colno}: not valid JSON "
+                            raise LayerIFError(f"{path}: line {line_no} is not valid JSON at column {exc.colno} "
                                               f"({exc.msg.removesuffix(' at')})") from exc
             return rows
         if suffix == ".json":
@@ -53,7 +53,7 @@ def _read_file(path: Path) -> list[dict]:
             with open(path, encoding="utf-8", newline="") as handle:
                 return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     except json.JSONDecodeError as exc:
-        raise LayerIFError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON "
+        raise LayerIFError(f"{path}: line {exc.lineno} is not valid JSON at column {exc.colno} "
                           f"({exc.msg.removesuffix(' at')})") from exc
     except UnicodeDecodeError as exc:
         raise LayerIFError(f"{path}: not UTF-8 text") from exc
