@@ -428,7 +428,7 @@ def main() -> int:
         f"Result: {len(rows) - len(bad)}/{len(rows)} as expected; bytes of user data lost in total: "
         f"{sum(row['lost'] for row in rows)}. Wall time {total:.0f} s (machine shared with other jobs, so "
         "times are indicative only; running as uid "
-        f"{os.geteuid()}{', where read-only folders do not stop writes, so they are covered by the tests only' if os.geteuid() == 0 else ''}).",
+        f"{os.geteuid()}{', where read-only folders do not stop writes, so the read-only --out cases of tests/test_safety.py run only for a normal user' if os.geteuid() == 0 else ''}).",
         "",
         "| # | case | exit | expected | one line | bytes lost | s | stderr (last line) |",
         "|---|---|---|---|---|---|---|---|",
