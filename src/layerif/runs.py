@@ -54,6 +54,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def check_output_dir(out: Path, overwrite: bool, command: str = "stability") -> None:
+    """The output-folder policy's checks, for a command that does not publish through it yet."""
+    OutputFolder(out, command, overwrite=overwrite).check()
+
+
 def output_folder(run: ScoreRun) -> OutputFolder:
     """The --out folder of a scoring run under the output-folder policy."""
     return OutputFolder(run.out, "score", overwrite=run.overwrite, inputs=[run.model], names=OUTPUT_FILES,
