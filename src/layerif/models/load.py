@@ -145,10 +145,10 @@ def check_model_source(name_or_path: str, gguf_file: str | None = None) -> None:
     if isinstance(cached, str):
         return
     if _hub_offline():
-        raise LayerIFError(f"model {name_or_path!r} is not a local folder and not in the hub cache, "
+        raise LayerIFError(f"cannot load model {name_or_path!r}: not a local folder and not in the hub cache, "
                            "and the hub is off (HF_HUB_OFFLINE)")
     if not _hub_reachable():
-        raise LayerIFError(f"model {name_or_path!r} is not a local folder and not in the hub cache, "
+        raise LayerIFError(f"cannot load model {name_or_path!r}: not a local folder and not in the hub cache, "
                            "and the hub cannot be reached")
 
 
