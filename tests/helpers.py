@@ -88,3 +88,75 @@ def run_cli(*args: str) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def write_tiny_gguf(path: Path, layers: int = 2, hidden: int = 32, vocab: int = 64, seed: int = 0) -> Path:
+    """A tiny random Llama written as a GGUF file (float32 tensors, a sentencepiece-style vocabulary)."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    heads, kv_heads, ff = 4, 2, 2 * hidden
+    head_dim = hidden // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(vocab)
+    # single characters: every lower-case text tokenizes without merges
+    pieces = ["\u2581", *"abcdefghijklmnopqrstuvwxyz0123456789.,?'"]
+    tokens = ["<unk>", "<s>", "</s>"] + [pieces[i] if i < len(pieces) else f"<extra{i}>" for i in range(vocab - 3)]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def random(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+
+    random("token_embd.weight", vocab, hidden)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    random("output.weight", vocab, hidden)
+    for layer in range(layers):
+        prefix = f"blk.{layer}."
+        writer.add_tensor(prefix + "attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(prefix + "ffn_norm.weight", np.ones(hidden, np.float32))
+        random(prefix + "attn_q.weight", hidden, hidden)
+        random(prefix + "attn_k.weight", kv_heads * head_dim, hidden)
+        random(prefix + "attn_v.weight", kv_heads * head_dim, hidden)
+        random(prefix + "attn_output.weight", hidden, hidden)
+        random(prefix + "ffn_gate.weight", ff, hidden)
+        random(prefix + "ffn_up.weight", ff, hidden)
+        random(prefix + "ffn_down.weight", hidden, ff)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under `root` (links not followed): file bytes and mode, link targets, folders."""
+    import os
+
+    state: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                state[key] = ("link", os.readlink(path))
+            elif path.is_dir():
+                state[key] = ("dir", path.stat().st_mode)
+            else:
+                state[key] = ("file", path.read_bytes(), path.stat().st_mode)
+    return state

@@ -32,8 +32,9 @@ def score_args(root, out, *extra):
 def test_score_writes_all_outputs(setup, capsys):
     out = setup / "run1"
     assert run_cli(*score_args(setup, out, "--pairwise")) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["influence.safetensors", "layer_scores.csv",
-                                                     "layer_scores.png", "run.json"]
+    outputs = ["influence.safetensors", "layer_scores.csv", "layer_scores.png", "run.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".layerif.json") == outputs
+    assert sorted(json.loads((out / ".layerif.json").read_text())["files"]) == outputs  # the files we own
     tensors = load_file(out / "influence.safetensors")
     assert tensors["q"].shape == (3, 12) and tensors["q"].dtype == torch.float32
     assert tensors["q_pairwise"].shape == (3, 12, 4)

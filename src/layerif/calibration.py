@@ -206,3 +206,8 @@ class InputStats:
     def hessian(self, name: str) -> torch.Tensor:
         """SparseGPT's H = 2 XᵀX / tokens."""
         return 2 * self.xtx[name] / max(self.tokens[name], 1)
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda importance |W_ij| · ‖X_j‖₂ for W in (d_out, d_in) and the per-input-feature squared norm of X."""
+    return weight.detach().abs().float() * input_sq_norm.float().clamp(min=0).sqrt().unsqueeze(0)

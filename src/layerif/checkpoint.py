@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from layerif.errors import LayerIFError
 from layerif.io import atomic_save_tensors, atomic_write_json
 
 MANIFEST = "manifest.json"
+FORMAT = "layerif.checkpoint/1"
 
 
 def _sha256(path: Path) -> str:
@@ -48,16 +48,22 @@ class Checkpoint:
 
     def open(self, overwrite: bool = False) -> Checkpoint:
         """Start fresh or pick up an existing checkpoint made with the same fingerprint."""
+        from layerif.outdir import discard_checkpoint
+
         manifest_path = self.directory / MANIFEST
+        if self.directory.is_symlink() or (self.directory.exists() and not self.directory.is_dir()):
+            raise LayerIFError(f"checkpoint folder {self.directory} is a link or not a folder; move it away")
+        if manifest_path.exists() and not is_our_checkpoint(self.directory):
+            raise LayerIFError(f"{self.directory} holds a manifest.json that layerif did not write; move it away")
         if overwrite:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            discard_checkpoint(self.directory)
         if manifest_path.is_file():
             try:
                 manifest = json.loads(manifest_path.read_text())
                 previous, units = manifest["digest"], dict(manifest["units"])
             except (ValueError, KeyError, TypeError):
                 self.warn(f"checkpoint manifest {manifest_path} is unreadable; starting over")
-                shutil.rmtree(self.directory, ignore_errors=True)
+                discard_checkpoint(self.directory)
             else:
                 if previous != self.digest:
                     changed = sorted(
@@ -76,7 +82,8 @@ class Checkpoint:
 
     def _write_manifest(self) -> None:
         atomic_write_json(self.directory / MANIFEST,
-                          {"digest": self.digest, "fingerprint": self.fingerprint, "units": self.units})
+                          {"format": FORMAT, "digest": self.digest, "fingerprint": self.fingerprint,
+                           "units": self.units})
 
     def has(self, name: str) -> bool:
         """True when the unit was saved and its file is intact (a damaged one is reported and dropped)."""
@@ -106,6 +113,41 @@ class Checkpoint:
         self.units[name] = _sha256(path)
         self._write_manifest()
 
-    def remove(self) -> None:
-        """Delete the checkpoint (after the run's outputs are in place)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+
+def _manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def is_our_checkpoint(directory: str | Path) -> bool:
+    """True when `directory` holds a checkpoint manifest written by this package."""
+    return _manifest(Path(directory)) is not None
+
+
+def has_units(directory: str | Path) -> bool:
+    """True when the checkpoint in `directory` records finished work."""
+    manifest = _manifest(Path(directory))
+    return bool(manifest and manifest.get("units"))
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    """The entries of a checkpoint folder that this package wrote: manifest, units, spill folders, temporary files."""
+    directory = Path(directory)
+    manifest = _manifest(directory)
+    names = {MANIFEST} if manifest is not None else set()
+    if manifest is not None and isinstance(manifest.get("units"), dict):
+        names |= {f"{unit}.safetensors" for unit in manifest["units"]}
+    found = [directory / name for name in sorted(names)]
+    found += sorted(directory.glob(".layerif-spill-*-*"))  # spill folders, named by pid
+    found += sorted(directory.glob(".manifest.json.*.tmp")) + sorted(directory.glob(".layer-*.safetensors.*.tmp"))
+    found += sorted(directory.glob(".stream-*.safetensors.*.tmp"))
+    found += sorted(directory.glob(".layerif-disk-probe-*"))
+    if manifest is not None:  # units saved before the manifest recorded them (a kill in between)
+        found += sorted(directory.glob("layer-*.safetensors")) + sorted(directory.glob("stream-*.safetensors"))
+    return found

@@ -120,6 +120,9 @@ def stability(
 
 # ---- pruning commands (layerif allocate sparsity, layerif prune, layerif evaluate) ----
 _SPARSITY_ALLOCATIONS = "layerif, reversed, uniform, owl, alphapruning, or a JSON file with one ratio per block"
+_AGGREGATION_FLAGS = ("--aggregation", "--score")  # --score: the earlier name, kept working
+_AGGREGATION_HELP = "Layer score aggregation: S_pos, S_top25 or S_all (also --score)."
+_OVERWRITE_HELP = "Replace our earlier outputs in --out (files we did not write are always kept)."
 
 
 def _print_ratios(plan, title: str) -> None:
@@ -146,52 +149,23 @@ def allocate_sparsity_command(
     scores: str | None = typer.Option(None, "--scores", help="Run folder of `layerif score` (for layerif/reversed)."),
     allocation: str = typer.Option("layerif", "--allocation", help=_SPARSITY_ALLOCATIONS),
     epsilon: float = typer.Option(0.3, "--epsilon", help="Spread of the linear map: ratios span (1 ± ε) before rescaling."),
-    score: str = typer.Option("S_pos", "--score", help="Layer score: S_pos, S_top25 or S_all."),
+    aggregation: str = typer.Option("S_pos", *_AGGREGATION_FLAGS, help=_AGGREGATION_HELP),
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Skip the Savitzky-Golay (7, 3) smoothing."),
     model: str | None = typer.Option(None, "--model", help="Model whose block sizes weight the mean (needed for owl/alphapruning)."),
     calib: str | None = typer.Option(None, "--calib", help="Calibration text for owl."),
     calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences (owl)."),
     calib_length: int | None = typer.Option(None, "--calib-length", help="Tokens per calibration sequence (default min(2048, context))."),
     out: str | None = typer.Option(None, "--out", help="Folder for ratios.json (default: the --scores folder)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No table."),
 ) -> None:
     """Turn layer scores (or a baseline metric) into per-block pruning ratios; writes ratios.json."""
-    from pathlib import Path
+    from layerif.allocate.jobs import SparsityJob
 
-    from layerif.allocate.sparsity import (
-        allocate_from_scores,
-        allocate_sparsity,
-        check_epsilon,
-        check_sparsity,
-    )
-    from layerif.errors import LayerIFError
-    from layerif.scores import LayerScores
-
-    check_sparsity(sparsity)
-    check_epsilon(epsilon)
-    if out is None and scores is None:
-        raise LayerIFError("pass --out (or --scores, whose folder then receives ratios.json)")
-    loaded_scores = LayerScores.load(scores) if scores is not None else None
-    if model is None:
-        if allocation not in ("layerif", "reversed"):
-            raise LayerIFError(f"--allocation {allocation} needs --model")
-        if loaded_scores is None:
-            raise LayerIFError(f"--allocation {allocation} needs --scores")
-        plan = allocate_from_scores(loaded_scores, sparsity, epsilon, score, not no_smooth, allocation == "reversed")
-    else:
-        from layerif.calibration import calibration_ids, default_length
-        from layerif.models import load_model
-
-        loaded = load_model(model, quiet=True)
-        calib_ids = None
-        if allocation == "owl":
-            if calib is None:
-                raise LayerIFError("--allocation owl needs --calib")
-            calib_ids = calibration_ids(calib, loaded.tokenizer, calib_sequences,
-                                        calib_length or default_length(loaded.model))
-        plan = allocate_sparsity(loaded.model, allocation, sparsity, scores=loaded_scores, score_name=score,
-                                 epsilon=epsilon, smooth_scores=not no_smooth, calib_ids=calib_ids, quiet=quiet)
-    path = plan.save(Path(out if out is not None else scores) / "ratios.json")
+    job = SparsityJob(sparsity=sparsity, scores=scores, allocation=allocation, epsilon=epsilon, score=aggregation,
+                      smooth=not no_smooth, model=model, calib=calib, calib_sequences=calib_sequences,
+                      calib_length=calib_length, out=out, overwrite=overwrite, quiet=quiet)
+    plan, path = job.run()
     if not quiet:
         _print_ratios(plan, f"{plan.allocation} sparsity ratios (target {sparsity})")
     typer.echo(f"wrote {path}")
@@ -206,7 +180,7 @@ def prune_command(
     allocation: str = typer.Option("uniform", "--allocation", help=_SPARSITY_ALLOCATIONS),
     scores: str | None = typer.Option(None, "--scores", help="Run folder of `layerif score` (for layerif/reversed)."),
     epsilon: float = typer.Option(0.3, "--epsilon", help="Spread ε of the linear map (layerif, reversed, alphapruning)."),
-    score: str = typer.Option("S_pos", "--score", help="Layer score: S_pos, S_top25 or S_all."),
+    aggregation: str = typer.Option("S_pos", *_AGGREGATION_FLAGS, help=_AGGREGATION_HELP),
     no_smooth: bool = typer.Option(False, "--no-smooth", help="Skip the Savitzky-Golay (7, 3) smoothing."),
     calib: str | None = typer.Option(None, "--calib", help="Calibration text (.txt, or JSONL/JSON/CSV rows)."),
     calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences."),
@@ -216,18 +190,19 @@ def prune_command(
     save_model: bool = typer.Option(False, "--save-model", help="Also save the pruned model (save_pretrained) into --out."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (default: the checkpoint's)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: where the model loads)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
 ) -> None:
     """Prune MODEL's block matrices to per-block ratios with magnitude, Wanda or SparseGPT."""
     from pathlib import Path
 
-    from layerif.prune.pipeline import PruneJob, run_prune
+    from layerif.prune.pipeline import PruneJob
 
     job = PruneJob(model=model, allocation=allocation, method=method, sparsity=sparsity, out=out, scores=scores,
-                   score_name=score, epsilon=epsilon, smooth=not no_smooth, calib=calib,
+                   score_name=aggregation, epsilon=epsilon, smooth=not no_smooth, calib=calib,
                    calib_sequences=calib_sequences, calib_length=calib_length, seed=seed, batch_size=batch_size,
-                   save_model=save_model, dtype=dtype, device=device, quiet=quiet)
-    plan, report = run_prune(job)
+                   save_model=save_model, dtype=dtype, device=device, quiet=quiet, overwrite=overwrite)
+    plan, report = job.run()
     if not quiet:
         _print_ratios(plan, f"{method} with {plan.allocation} ratios")
     typer.echo(f"measured sparsity {report.overall:.4f} (largest per-matrix deviation {report.max_deviation:.2e}); "
@@ -247,19 +222,20 @@ def evaluate_command(
     out: str | None = typer.Option(None, "--out", help="Folder for eval.json (default: --model when it is a folder)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (default: the checkpoint's)."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ..."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Perplexity and zero-shot accuracy (lm-evaluation-harness, local task files); writes eval.json."""
     from rich.console import Console
     from rich.table import Table
 
-    from layerif.evaluate.run import EvalJob, run_evaluate
+    from layerif.evaluate.run import EvalJob
 
     task_list = [task.strip() for task in tasks.split(",") if task.strip()] if tasks else None
     job = EvalJob(model=model, ppl=ppl, ppl_length=ppl_length, ppl_windows=ppl_windows, tasks=task_list,
                   data_dir=data_dir, limit=limit, batch_size=batch_size, out=out, dtype=dtype, device=device,
-                  quiet=quiet)
-    result, path = run_evaluate(job)
+                  quiet=quiet, overwrite=overwrite)
+    result, path = job.run()
     table = Table(title=f"evaluation of {model}")
     for column in ("measure", "value", "stderr", "n"):
         table.add_column(column, justify="right" if column != "measure" else "left")
@@ -289,41 +265,26 @@ def allocate_experts_command(
     scores: str | None = typer.Option(None, "--scores", help="Run folder of `layerif score` (for layerif/reversed)."),
     budget: int | None = typer.Option(None, "--budget", help="Total experts T over all layers (>= number of layers)."),
     beta: float = typer.Option(2.5, "--beta", help="Exponent beta > 0 applied to the scores (or PL_Alpha_Hill)."),
-    score: str = typer.Option("S_pos", "--score", help="Layer score: S_pos, S_top25 or S_all."),
+    aggregation: str = typer.Option("S_pos", *_AGGREGATION_FLAGS, help=_AGGREGATION_HELP),
     allocation: str = typer.Option("layerif", "--allocation", help=_ALLOCATION_HELP),
     top_k: int | None = typer.Option(None, "--top-k", help="Experts per token: min(k, n_l) per layer (default k = 2)."),
     layers: int | None = typer.Option(None, "--layers", help="Number of layers (for uniform/MoLA without --scores)."),
     model: str | None = typer.Option(None, "--model", help="Model for alphalora (its PL_Alpha_Hill per block)."),
     out: str | None = typer.Option(None, "--out", help="Folder for experts.json (default: print the counts)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
 ) -> None:
     """Turn layer scores into LoRA experts per layer (exactly --budget in total, >= 1 per layer)."""
-    from layerif.moe.pipeline import allocation_from_scores
+    from layerif.allocate.jobs import ExpertsJob
 
-    loaded_model = None
-    if allocation == "alphalora":
-        if model is None:
-            raise _error("--allocation alphalora needs --model")
-        from layerif.models import load_model
-
-        loaded_model = load_model(model, quiet=True).model
-    if layers is None and scores is not None and allocation not in ("layerif", "reversed"):
-        from layerif.scores import LayerScores
-
-        layers = LayerScores.load(scores).n_layers
-    result = allocation_from_scores(allocation, budget, beta, top_k, scores_dir=scores, score=score,
-                                    n_layers=layers, model=loaded_model)
-    if out is None:
+    job = ExpertsJob(scores=scores, budget=budget, beta=beta, score=aggregation, allocation=allocation, top_k=top_k,
+                     layers=layers, model=model, out=out, overwrite=overwrite)
+    result, path = job.run()
+    if path is None:
         typer.echo(f"counts: {','.join(map(str, result.counts))}")
         typer.echo(f"top_k:  {','.join(map(str, result.top_k))}")
         typer.echo(f"total:  {result.budget} experts over {result.n_layers} layers")
     else:
-        typer.echo(f"wrote {result.save(out)}")
-
-
-def _error(message: str):
-    from layerif.errors import LayerIFError
-
-    return LayerIFError(message)
+        typer.echo(f"wrote {path}")
 
 
 @moe_app.command("train")
@@ -336,7 +297,7 @@ def moe_train_command(
     scores: str | None = typer.Option(None, "--scores", help="Run folder of `layerif score` (layerif/reversed)."),
     budget: int | None = typer.Option(None, "--budget", help="Total experts T (not needed for a comma list)."),
     beta: float = typer.Option(2.5, "--beta", help="Exponent beta > 0 of the allocation."),
-    score: str = typer.Option("S_pos", "--score", help="Layer score: S_pos, S_top25 or S_all."),
+    aggregation: str = typer.Option("S_pos", *_AGGREGATION_FLAGS, help=_AGGREGATION_HELP),
     top_k: int | None = typer.Option(None, "--top-k", help="Experts per token: min(k, n_l) per layer (default k = 2)."),
     rank: int = typer.Option(8, "--rank", help="Rank of every LoRA expert."),
     alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (scale alpha / rank)."),
@@ -354,28 +315,19 @@ def moe_train_command(
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling and dropout."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, float16."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: the loader's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train a LoRA-MoE with per-layer expert counts on MODEL and save it to --out."""
-    from layerif.data import load_rows, select_rows
-    from layerif.models import find_blocks, load_model
-    from layerif.moe.pipeline import allocation_from_scores, train_adapter
-    from layerif.moe.train import TrainConfig
+    from layerif.moe.pipeline import MoETrainJob
 
-    train_config = TrainConfig(
-        epochs=epochs, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
-        warmup=None if warmup is None else (int(warmup) if warmup >= 1 else warmup), cutoff=cutoff,
-        train_on_inputs=train_on_inputs, seed=seed,
-    )
-    rows = select_rows(load_rows(train, split), n_train, what="training rows")
-    loaded = load_model(model, dtype=dtype, device=device, quiet=quiet)
-    n_layers = len(find_blocks(loaded.model)[1])
-    result = allocation_from_scores(allocation, budget, beta, top_k, scores_dir=scores, score=score,
-                                    n_layers=n_layers, model=loaded.model)
-    moe_options = {"rank": rank, "alpha": alpha, "dropout": dropout, "modules": modules,
-                   "load_balancing": load_balancing}
-    log = train_adapter(loaded, rows, result, out, moe_options, train_config, model_name=model, quiet=quiet,
-                        extra={"train": train, "n_train": len(rows)})
+    job = MoETrainJob(model=model, train=train, out=out, split=split, allocation=allocation, scores=scores,
+                      budget=budget, beta=beta, score=aggregation, top_k=top_k, rank=rank, alpha=alpha,
+                      dropout=dropout, modules=modules, load_balancing=load_balancing, epochs=epochs, lr=lr,
+                      batch_size=batch_size, micro_batch_size=micro_batch_size, warmup=warmup, cutoff=cutoff,
+                      train_on_inputs=train_on_inputs, n_train=n_train, seed=seed, dtype=dtype, device=device,
+                      quiet=quiet, overwrite=overwrite)
+    log, result, n_layers = job.run()
     typer.echo(f"trained {log['trainable_parameters']:,} parameters ({result.budget} experts over {n_layers} "
                f"layers) for {log['steps']} steps, final loss {log['final_loss']:.4f}; wrote {out}")
 
@@ -394,25 +346,21 @@ def moe_evaluate_command(
     out: str | None = typer.Option(None, "--out", help="eval.json path (default: ADAPTER/eval.json)."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ..."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Accuracy (± standard error) of an adapted model on test rows, by label log-likelihood and/or generation."""
-    from pathlib import Path
+    from layerif.evaluate.adapters import MoEEvalJob
 
-    from layerif.data import load_rows, select_rows
-    from layerif.moe.pipeline import evaluate_adapter, load_for_eval
-
-    if adapter is None and model is None:
-        raise _error("give --adapter or --model")
-    rows = select_rows(load_rows(test, split), n_test, what="test rows")
-    loaded = load_for_eval(adapter, model, dtype=dtype, device=device, quiet=quiet)
-    path = out or (str(Path(adapter) / "eval.json") if adapter else None)
-    summary = evaluate_adapter(loaded, rows, path, [m.strip() for m in method.split(",") if m.strip()],
-                               labels.split(",") if labels else None, batch_size, max_new_tokens=max_new_tokens,
-                               quiet=quiet, extra={"adapter": adapter, "test": test, "n_test": len(rows)})
+    job = MoEEvalJob(test=test, adapter=adapter, model=model, split=split,
+                     methods=tuple(m.strip() for m in method.split(",") if m.strip()),
+                     labels=labels.split(",") if labels else None, n_test=n_test, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, out=out, dtype=dtype, device=device, quiet=quiet,
+                     overwrite=overwrite)
+    summary, path = job.run()
     for name, result in summary.items():
         typer.echo(f"{name}: accuracy {result['accuracy']:.4f} ± {result['stderr']:.4f} (n={result['n']})")
-    if path:
+    if path is not None:
         typer.echo(f"wrote {path}")
 # ---- end LoRA-MoE commands ----
 
@@ -496,23 +444,71 @@ def export_sparsity_command(
 # ---- end report and export commands ----
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (the output folder keeps what an interrupted run keeps)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted_line(argv: list[str]) -> str:
+    import shlex
+
+    from layerif.outdir import last_interrupted
+
+    command = shlex.join(["layerif", *argv])
+    if last_interrupted.get("kept"):
+        return (f"interrupted: finished work kept in {last_interrupted['kept']}; "
+                f"run the same command again to resume: {command}")
+    return f"interrupted: nothing was written; run the command again to start over: {command}"
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
-    from layerif.errors import LayerIFError
+    import signal
+    import threading
 
+    from layerif.errors import LayerIFError
+    from layerif.outdir import last_interrupted
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    last_interrupted.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(args=argv, standalone_mode=True)
     except LayerIFError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        typer.echo(_interrupted_line(argv), err=True)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
+    except SystemExit as exc:  # typer turns Ctrl-C into a silent exit 130: say what was kept
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
+            raise
+        typer.echo(_interrupted_line(argv), err=True)
+        sys.exit(143 if isinstance(interrupt, Terminated) else 130)
     except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
         if os.environ.get("LAYERIF_DEBUG"):
             raise
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (set LAYERIF_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

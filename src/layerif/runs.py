@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,10 +14,11 @@ from pathlib import Path
 from layerif.api import ScoreConfig, peak_rss_bytes, restart_peak_rss, score_layers
 from layerif.errors import LayerIFError
 from layerif.io import atomic_write_json
+from layerif.outdir import CHECKPOINT, OutputFolder
 from layerif.scores import LayerScores
 
 OUTPUT_FILES = ("layer_scores.csv", "influence.safetensors", "layer_scores.png", "run.json")
-CHECKPOINT_DIR = ".checkpoint"  # inside --out while a run is unfinished; removed once its outputs are in place
+CHECKPOINT_DIR = CHECKPOINT  # inside --out while a run is unfinished; removed once its outputs are in place
 
 
 @dataclass
@@ -55,16 +54,54 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output directory that already holds another run, unless overwriting."""
-    if out.exists() and not out.is_dir():
-        raise LayerIFError(f"--out {out} exists and is not a directory")
-    if not out.is_dir() or overwrite:
-        return
-    if (out / "run.json").exists():
-        raise LayerIFError(f"--out {out} already holds another run; pass --overwrite or choose another directory")
-    if any(entry.name != CHECKPOINT_DIR for entry in out.iterdir()):
-        raise LayerIFError(f"--out {out} already holds other files; pass --overwrite or choose another directory")
+def check_output_dir(out: Path, overwrite: bool, command: str = "stability") -> None:
+    """The output-folder policy's checks, for a command that does not publish through it yet."""
+    OutputFolder(out, command, overwrite=overwrite).check()
+
+
+def output_folder(run: ScoreRun) -> OutputFolder:
+    """The --out folder of a scoring run under the output-folder policy."""
+    return OutputFolder(run.out, "score", overwrite=run.overwrite, inputs=[run.model], names=OUTPUT_FILES,
+                        checkpoint=True)
+
+
+def validate(run: ScoreRun) -> OutputFolder:
+    """Check every argument that can be checked before loading data or the model; the checked --out folder."""
+    from layerif.api import parse_bytes
+    from layerif.models.load import check_device, check_model_source, resolve_dtype
+
+    run.config.validate()
+    config = run.config
+    if config.sample_seed is not None and config.sample_seed < 0:
+        raise LayerIFError(f"--sample-seed must be >= 0, got {config.sample_seed}")
+    if config.lora_rank < 1:
+        raise LayerIFError(f"--lora-rank must be >= 1, got {config.lora_rank}")
+    if not config.finetune_epochs >= 0 or config.finetune_epochs == float("inf"):
+        raise LayerIFError(f"--finetune-epochs must be a finite number >= 0, got {config.finetune_epochs}")
+    budget = parse_bytes(config.max_memory)
+    if budget is not None and budget < 1 << 20:
+        print(f"warning: --max-memory {config.max_memory} is below 1 MiB: every layer gets passes of its own "
+              "(slow; fine for testing)", file=sys.stderr)
+    if run.spill_dir is not None:
+        spill = Path(run.spill_dir)
+        if spill.is_symlink() and not spill.exists():
+            raise LayerIFError(f"--spill-dir {run.spill_dir} is a dangling link")
+        if spill.exists() and not spill.is_dir():
+            raise LayerIFError(f"--spill-dir {run.spill_dir} exists and is not a folder")
+    resolve_dtype(run.dtype)
+    if run.device_map is None:
+        check_device(run.device)
+    if run.demo_task is None:
+        from layerif.data.loading import check_source
+
+        for source, split in ((run.train, run.train_split), (run.val, run.val_split)):
+            if source is None:
+                raise LayerIFError("both --train and --val are needed")
+            check_source(source, split)
+    check_model_source(run.model, run.gguf_file)
+    folder = output_folder(run)
+    folder.check()
+    return folder
 
 
 def _data_info(source: str | None, split: str | None) -> dict:
@@ -89,25 +126,35 @@ def _load_rows(run: ScoreRun):
         return rows[:n_train], rows[n_train:]
     if run.train is None or run.val is None:
         raise LayerIFError("both --train and --val are needed")
-    return load_rows(run.train, run.train_split), load_rows(run.val, run.val_split)
+    quiet = run.config.quiet
+    return load_rows(run.train, run.train_split, quiet), load_rows(run.val, run.val_split, quiet)
 
 
 def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
     """Score layers and write layer_scores.csv, influence.safetensors, layer_scores.png and run.json."""
+
+    folder = validate(run)
+    from layerif import distributed
+
+    dist = distributed.current()
+    if not dist.is_main:  # data-parallel: rank 0 owns (locks, publishes) the output folder
+        return _score(run, folder, None)
+    with folder:
+        return _score(run, folder, folder.staging)
+
+
+def _score(run: ScoreRun, folder: OutputFolder, staging: Path | None) -> tuple[LayerScores, Path]:
+    from layerif import distributed
     from layerif.models import load_model
     from layerif.report.plots import plot_layer_scores
 
-    out = Path(run.out)
-    check_output_dir(out, run.overwrite)
-    run.config.validate()
+    out = folder.out
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     train_rows, val_rows = _load_rows(run)
     timings["load_data_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    from layerif import distributed
-
     dist = distributed.current()
     device = run.device or (f"cuda:{dist.local_rank}" if _cuda_available() else "cpu")
     loaded = load_model(run.model, run.gguf_file, run.dtype, None if run.device_map else device,
@@ -115,70 +162,48 @@ def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
     timings["load_model_s"] = time.perf_counter() - clock
     peak_is_scoring = restart_peak_rss()  # so the model's loading peak does not hide the scoring peak
     scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config,
-                          checkpoint_dir=str(out / CHECKPOINT_DIR), restart=run.overwrite,
-                          spill_dir=run.spill_dir or str(out / CHECKPOINT_DIR))
+                          checkpoint_dir=str(folder.checkpoint_dir), restart=run.overwrite,
+                          spill_dir=run.spill_dir or str(folder.checkpoint_dir))
     scoring_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak_is_scoring else None
     timings.update(scores.metadata.pop("timings", {}))
-    if not dist.is_main:  # rank 0 writes the outputs
+    if staging is None:
         return scores, out
 
     clock = time.perf_counter()
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        scores.metadata["model"] = {"source": loaded.source, "gguf_file": loaded.gguf_file,
-                                    "revision": loaded.revision, "class": type(loaded.model).__name__}
-        scores.save(staging)
-        plot_layer_scores(scores, staging / "layer_scores.png", title=f"LayerIF scores — {loaded.source}")
-        timings["write_s"] = time.perf_counter() - clock
-        record = {
-            "format": "layerif.run/1",
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "started_at": started_at,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": asdict(run.config),
-            "model": {**scores.metadata["model"], "argument": run.model, "dtype": str(next(loaded.model.parameters()).dtype),
-                      "device": device, "n_layers": scores.n_layers},
-            "data": {"train": _data_info(run.train, run.train_split) if run.demo_task is None else
-                     {"source": f"built-in demo task {run.demo_task!r}"},
-                     "val": _data_info(run.val, run.val_split) if run.demo_task is None else
-                     {"source": f"built-in demo task {run.demo_task!r}"},
-                     "n_train": scores.n_train, "n_val": scores.n_val,
-                     "train_tokens": scores.metadata.get("train_tokens"), "val_tokens": scores.metadata.get("val_tokens")},
-            "plan": scores.metadata.get("plan"),
-            "passes": scores.metadata.get("train_passes"),
-            "resumed": scores.metadata.get("resumed"),
-            "world_size": scores.metadata.get("world_size"),
-            "left_out": scores.metadata.get("left_out"),
-            "timings_s": {key: round(value, 3) for key, value in timings.items()},
-            "peak_rss_bytes": peak_rss_bytes(),
-            "peak_rss_scoring_bytes": scoring_peak,
-            "peak_gpu_bytes": scores.metadata.get("peak_gpu_bytes"),
-            "versions": package_versions(),
-            "outputs": list(OUTPUT_FILES),
-        }
-        atomic_write_json(staging / "run.json", record)
-        _publish(staging, out)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    scores.metadata["model"] = {"source": loaded.source, "gguf_file": loaded.gguf_file,
+                                "revision": loaded.revision, "class": type(loaded.model).__name__}
+    scores.save(staging)
+    plot_layer_scores(scores, staging / "layer_scores.png", title=f"LayerIF scores — {loaded.source}")
+    timings["write_s"] = time.perf_counter() - clock
+    record = {
+        "format": "layerif.run/1",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": asdict(run.config),
+        "model": {**scores.metadata["model"], "argument": run.model, "dtype": str(next(loaded.model.parameters()).dtype),
+                  "device": device, "n_layers": scores.n_layers},
+        "data": {"train": _data_info(run.train, run.train_split) if run.demo_task is None else
+                 {"source": f"built-in demo task {run.demo_task!r}"},
+                 "val": _data_info(run.val, run.val_split) if run.demo_task is None else
+                 {"source": f"built-in demo task {run.demo_task!r}"},
+                 "n_train": scores.n_train, "n_val": scores.n_val,
+                 "train_tokens": scores.metadata.get("train_tokens"), "val_tokens": scores.metadata.get("val_tokens")},
+        "plan": scores.metadata.get("plan"),
+        "passes": scores.metadata.get("train_passes"),
+        "resumed": scores.metadata.get("resumed"),
+        "world_size": scores.metadata.get("world_size"),
+        "left_out": scores.metadata.get("left_out"),
+        "timings_s": {key: round(value, 3) for key, value in timings.items()},
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_scoring_bytes": scoring_peak,
+        "peak_gpu_bytes": scores.metadata.get("peak_gpu_bytes"),
+        "versions": package_versions(),
+        "outputs": list(OUTPUT_FILES),
+    }
+    atomic_write_json(staging / "run.json", record)
+    folder.publish()
     return scores, out
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move a finished run into place; run.json goes last so its presence marks a complete run."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    (out / "run.json").unlink(missing_ok=True)
-    for stale in OUTPUT_FILES:  # an overwritten run's files must not mix with the new ones
-        if not (staging / stale).exists():
-            (out / stale).unlink(missing_ok=True)
-    for name in OUTPUT_FILES:
-        if name != "run.json" and (staging / name).exists():
-            os.replace(staging / name, out / name)
-    os.replace(staging / "run.json", out / "run.json")
 
 
 def _cuda_available() -> bool:

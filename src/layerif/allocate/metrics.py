@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from layerif.calibration import wanda_scores
 from layerif.errors import LayerIFError
 
 # Eigenvalues at or below this are treated as zeros (numerical noise of rank-deficient matrices).
@@ -85,11 +86,6 @@ def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
     """OWL: share of the entries of `scores` that exceed m times their mean."""
     scores = scores.flatten().double()
     return float((scores > m * scores.mean()).double().mean())
-
-
-def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
-    """Wanda importance |W_ij| · ‖X_j‖₂ for W in (d_out, d_in) and the per-input-feature squared norm of X."""
-    return weight.detach().abs().float() * input_sq_norm.float().clamp(min=0).sqrt().unsqueeze(0)
 
 
 def owl_outlier_ratios(

@@ -173,10 +173,6 @@ class SparsityAllocation:
     arguments: dict = field(default_factory=dict)
 
     @property
-    def n_blocks(self) -> int:
-        return len(self.block_ratios)
-
-    @property
     def mean_sparsity(self) -> float:
         return weighted_mean(self.block_ratios, self.block_params)
 

@@ -34,7 +34,8 @@ def _read_file(path: Path) -> list[dict]:
                         try:
                             rows.append(json.loads(line))
                         except json.JSONDecodeError as exc:
-                            raise LayerIFError(f"{path}: line {line_no} is not valid JSON ({exc.msg})") from exc
+                            raise LayerIFError(f"{path}: line {line_no} is not valid JSON at column {exc.colno} "
+                                              f"({exc.msg.removesuffix(' at')})") from exc
             return rows
         if suffix == ".json":
             with open(path, encoding="utf-8") as handle:
@@ -52,32 +53,44 @@ def _read_file(path: Path) -> list[dict]:
             with open(path, encoding="utf-8", newline="") as handle:
                 return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     except json.JSONDecodeError as exc:
-        raise LayerIFError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise LayerIFError(f"{path}: line {exc.lineno} is not valid JSON at column {exc.colno} "
+                          f"({exc.msg.removesuffix(' at')})") from exc
     except UnicodeDecodeError as exc:
         raise LayerIFError(f"{path}: not UTF-8 text") from exc
     raise LayerIFError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .tsv")
 
 
-def _load_dataset(name: str, split: str) -> list[dict]:
+def _load_dataset(name: str, split: str, quiet: bool = False) -> list[dict]:
     import datasets
 
+    if quiet:
+        datasets.disable_progress_bars()
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types; report the first line only
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LayerIFError(f"cannot load dataset {name!r} split {split!r}: {message}") from exc
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
     return [dict(row) for row in dataset]
 
 
-def load_rows(source: str | Path, split: str | None = None) -> list[dict]:
+def check_source(source: str | Path, split: str | None = None) -> None:
+    """Refuse a data source that cannot exist, before any loading."""
+    path = Path(source)
+    if not (path.is_file() or path.is_dir() or split is not None):
+        raise LayerIFError(f"data file not found: {source} (for a hub dataset, also pass its split)")
+
+
+def load_rows(source: str | Path, split: str | None = None, quiet: bool = False) -> list[dict]:
     """Rows of a local file, or of a `datasets` dataset (hub name or local folder) with `split`."""
     path = Path(source)
+    check_source(source, split)
     if path.is_file():
         rows = _read_file(path)
-    elif path.is_dir() or split is not None:
-        rows = _load_dataset(str(source), split or "train")
     else:
-        raise LayerIFError(f"data file not found: {source} (for a hub dataset, also pass its split)")
+        rows = _load_dataset(str(source), split or "train", quiet)
     if not rows:
         raise LayerIFError(f"{source}{f' [{split}]' if split else ''}: no rows")
     columns = set(rows[0])

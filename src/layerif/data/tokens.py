@@ -51,7 +51,7 @@ def encode_texts(texts: list[str], tokenizer, max_length: int = 128, what: str =
     return EncodedSet(ids)
 
 
-def make_batches(encoded: EncodedSet, batch_size: int, pad_token_id: int, start: int = 0) -> list[Batch]:
+def make_batches(encoded: EncodedSet, batch_size: int, pad_token_id: int) -> list[Batch]:
     """Split samples into right-padded batches in order (sample order is preserved)."""
     if batch_size < 1:
         raise LayerIFError(f"--batch-size must be >= 1, got {batch_size}")
@@ -61,7 +61,7 @@ def make_batches(encoded: EncodedSet, batch_size: int, pad_token_id: int, start:
         input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_token_id)
         attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        index = torch.arange(start + first, start + first + len(rows))
+        index = torch.arange(first, first + len(rows))
         batches.append(Batch(input_ids, attention_mask, labels, index))
     return batches
 

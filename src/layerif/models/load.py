@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +36,6 @@ class LoadedModel:
     source: str
     gguf_file: str | None = None
     revision: str | None = None
-    info: dict = field(default_factory=dict)
 
 
 def builtin_gguf_path(name: str) -> Path:
@@ -62,6 +62,96 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LayerIFError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LayerIFError(f"--device {device}: CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LayerIFError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    if parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise LayerIFError(f"--device {device}: MPS is not available on this machine")
+        return
+    raise LayerIFError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(flag, "").lower() in ("1", "true", "yes", "on")
+               for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the hub's host answers within `timeout` seconds (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a stuck name lookup must not hold the command
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
+def check_model_source(name_or_path: str, gguf_file: str | None = None) -> None:
+    """Fail fast, with one line, on a model that cannot be found: missing files, or a hub id while offline."""
+    if name_or_path in BUILTIN_MODELS:
+        builtin_gguf_path(name_or_path)
+        return
+    path = Path(name_or_path).expanduser()
+    if name_or_path.endswith(".gguf"):
+        if not path.is_file():
+            raise LayerIFError(f"GGUF file not found: {name_or_path}")
+        return
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise LayerIFError(f"GGUF file not found: {path / gguf_file}")
+        return
+    if path.exists():
+        if not path.is_dir():
+            raise LayerIFError(f"--model {name_or_path} is a file but not a .gguf file; give a model folder")
+        if not (path / "config.json").is_file():
+            raise LayerIFError(f"model folder {name_or_path} has no config.json")
+        return
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise LayerIFError(f"model directory not found: {name_or_path}")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return
+    try:
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id is reported by the loader itself
+        return
+    if isinstance(cached, str):
+        return
+    if _hub_offline():
+        raise LayerIFError(f"cannot load model {name_or_path!r}: not a local folder and not in the hub cache, "
+                           "and the hub is off (HF_HUB_OFFLINE)")
+    if not _hub_reachable():
+        raise LayerIFError(f"cannot load model {name_or_path!r}: not a local folder and not in the hub cache, "
+                           "and the hub cannot be reached")
+
+
 def load_model(
     name_or_path: str,
     gguf_file: str | None = None,
@@ -75,6 +165,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     torch_dtype = resolve_dtype(dtype)
+    check_device(device)
+    check_model_source(name_or_path, gguf_file)
     source = name_or_path
     directory: str = name_or_path
     if name_or_path in BUILTIN_MODELS:
@@ -94,7 +186,10 @@ def load_model(
 
     kwargs: dict = {}
     if gguf_file:
+        from transformers import GgufConfig
+
         kwargs["gguf_file"] = gguf_file
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)  # plain weights: prunable and savable
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
@@ -114,7 +209,9 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged or mismatched checkpoint is bad input, not our bug
+        if isinstance(exc, MemoryError):
+            raise
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LayerIFError(f"cannot load model {name_or_path!r}: {first_line}") from exc
     finally:
@@ -123,6 +220,8 @@ def load_model(
             hf_logging.enable_progress_bar()
             if gguf_module is not None:
                 gguf_module.tqdm = gguf_tqdm
+    if gguf_file:
+        _forget_gguf_origin(model)
     if torch_dtype is not None and gguf_file:
         model = model.to(torch_dtype)  # GGUF dequantises to float32 first
     if device is not None and device_map is None:
@@ -133,3 +232,17 @@ def load_model(
     model.eval()
     revision = getattr(model.config, "_commit_hash", None)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, gguf_file=gguf_file, revision=revision)
+
+
+def _forget_gguf_origin(model: nn.Module) -> None:
+    """A dequantised GGUF model holds ordinary weights: drop the quantizer so it saves like any model."""
+    model.hf_quantizer = None
+    for attribute in ("is_quantized", "_is_quantized_training_enabled"):
+        if hasattr(model, attribute):
+            try:
+                setattr(model, attribute, False)
+            except AttributeError:
+                pass
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")

@@ -159,6 +159,10 @@ def read_adapter_config(directory: str | Path) -> dict:
     return data
 
 
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+
+
 def _check_base(saved: dict, model: nn.Module, base_model: str | None, saved_name: str | None) -> None:
     current = base_fingerprint(model)
     for key in ("model_type", "n_layers", "hidden_size", "vocab_size", "shapes"):
@@ -167,7 +171,9 @@ def _check_base(saved: dict, model: nn.Module, base_model: str | None, saved_nam
                 f"the adapter was trained on another base model ({saved_name or 'unknown'}): "
                 f"{key} is {saved.get(key)} there but {current.get(key)} here"
             )
-    if base_model and saved_name and base_model != saved_name:
+    # A local folder or file is identified by its content (checked here), never by how its path is spelled;
+    # two different hub ids still name two different models.
+    if base_model and saved_name and base_model != saved_name and not (_is_local(base_model) or _is_local(saved_name)):
         raise LayerIFError(f"the adapter was trained on {saved_name}, not on {base_model}")
     for old, new in zip(saved.get("checksum", []), current["checksum"], strict=False):
         if abs(old - new) > 1e-3 * max(abs(old), 1e-12):

@@ -56,7 +56,6 @@ class LoRAMoELinear(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None  # [batch, seq] of real tokens, set by the training loop
         self.compute_aux = False
-        self.disabled = False
 
     def reset_parameters(self) -> None:
         """A: Kaiming-uniform (PEFT's default) or Gaussian std 1/r; B: zero; router: nn.Linear's default."""
@@ -116,8 +115,6 @@ class LoRAMoELinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return out
         return out + self.delta(x).to(out.dtype)
 
     def n_trainable(self) -> int:

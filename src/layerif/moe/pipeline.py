@@ -1,54 +1,20 @@
-"""End-to-end LoRA-MoE steps used by the CLI and the benchmark: allocate, train + save, load + evaluate."""
+"""`layerif moe train` as a job object, and the train-and-save step the benchmark shares with it."""
 
 from __future__ import annotations
 
-import time
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from layerif.allocate.experts import METHODS, ExpertAllocation, allocate_experts, model_alphas
+from layerif.allocate.experts import ExpertAllocation
 from layerif.errors import LayerIFError
 from layerif.io import atomic_write_json
 from layerif.moe.config import MoEConfig
-from layerif.moe.inject import (
-    expected_parameters,
-    inject_moe,
-    load_adapter,
-    read_adapter_config,
-    save_adapter,
-)
+from layerif.moe.inject import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expected_parameters, inject_moe, save_adapter
 from layerif.moe.train import TrainConfig, train_moe
+from layerif.outdir import OutputFolder
 
-
-def allocation_from_scores(
-    method: str,
-    budget: int | None,
-    beta: float = 2.5,
-    top_k: int | None = None,
-    scores_dir: str | Path | None = None,
-    score: str = "S_pos",
-    n_layers: int | None = None,
-    model=None,
-    alpha_modules: str = "all",
-) -> ExpertAllocation:
-    """Expert counts for `method`, reading layer scores from a `layerif score` run folder when needed."""
-    scores = None
-    arguments: dict = {"allocation": method, "score": score}
-    if method in ("layerif", "reversed"):
-        if scores_dir is None:
-            raise LayerIFError(f"--allocation {method} needs --scores (a folder written by `layerif score`)")
-        from layerif.scores import LayerScores
-
-        scores = LayerScores.load(scores_dir).scores(score)
-        arguments["scores_dir"] = str(scores_dir)
-    alphas = None
-    if method == "alphalora":
-        if model is None:
-            raise LayerIFError("--allocation alphalora needs the model to compute PL_Alpha_Hill")
-        alphas = model_alphas(model, modules=alpha_modules)
-    if n_layers is None and scores is None and alphas is None and method in METHODS:
-        raise LayerIFError(f"--allocation {method} needs the number of layers (give --scores or the model)")
-    return allocate_experts(method, n_layers=n_layers, budget=budget, scores=scores, beta=beta, top_k=top_k,
-                            alphas=alphas, arguments=arguments)
+OUTPUTS = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "experts.json", "train.json")
 
 
 def train_adapter(
@@ -82,32 +48,100 @@ def train_adapter(
     return log
 
 
-def load_for_eval(adapter: str | Path | None, model_name: str | None = None, dtype=None, device=None,
-                  quiet: bool = False):
-    """Load the base model an adapter was trained on (or `model_name`) and put the adapter in."""
-    from layerif.models import load_model
+@dataclass
+class MoETrainJob:
+    """Everything `layerif moe train` needs."""
 
-    info = read_adapter_config(adapter) if adapter is not None else {}
-    name = model_name or info.get("model")
-    if name is None:
-        raise LayerIFError("give --model (the adapter does not record its base model)")
-    loaded = load_model(name, dtype=dtype, device=device, quiet=quiet)
-    if adapter is not None:
-        load_adapter(loaded.model, adapter, base_model=loaded.source)
-    loaded.model.eval()
-    return loaded
+    model: str
+    train: str
+    out: str
+    split: str | None = None
+    allocation: str = "layerif"
+    scores: str | None = None
+    budget: int | None = None
+    beta: float = 2.5
+    score: str = "S_pos"
+    top_k: int | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    modules: str = "all"
+    load_balancing: float = 0.0
+    epochs: float = 3.0
+    lr: float = 3e-4
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    warmup: float | None = None
+    cutoff: int = 256
+    train_on_inputs: bool = True
+    n_train: int | None = None
+    seed: int = 0
+    dtype: str | None = None
+    device: str | None = None
+    quiet: bool = False
+    overwrite: bool = False
 
+    def train_config(self) -> TrainConfig:
+        """The training settings (checked)."""
+        warmup = None if self.warmup is None else (int(self.warmup) if self.warmup >= 1 else self.warmup)
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                           micro_batch_size=self.micro_batch_size, warmup=warmup, cutoff=self.cutoff,
+                           train_on_inputs=self.train_on_inputs, seed=self.seed)
 
-def evaluate_adapter(loaded, rows: list[dict], out: str | Path | None, methods=("loglik", "generate"),
-                     labels: list[str] | None = None, batch_size: int = 16, max_length: int = 256,
-                     max_new_tokens: int = 16, quiet: bool = False, extra: dict | None = None) -> dict:
-    """Label accuracy of a loaded (adapted) model on rows; writes eval.json when `out` is given."""
-    from layerif.evaluate.labels import evaluate_labels, write_eval_json
+    def validate(self) -> OutputFolder:
+        """Check every argument that can be checked before loading the model; the checked --out folder."""
+        from layerif.allocate.jobs import check_aggregation, check_model_argument, check_scores_folder
+        from layerif.data.loading import check_source
+        from layerif.models.load import check_device, resolve_dtype
 
-    started = time.perf_counter()
-    results = evaluate_labels(loaded.model, loaded.tokenizer, rows, tuple(methods), labels, batch_size,
-                              max_length, max_new_tokens, quiet)
-    summary = {name: result.summary() for name, result in results.items()}
-    if out is not None:
-        write_eval_json(out, results, rows, {"seconds": time.perf_counter() - started, **(extra or {})})
-    return summary
+        for flag, value in (("--epochs", self.epochs), ("--lr", self.lr), ("--alpha", self.alpha),
+                            ("--beta", self.beta)):
+            if not (math.isfinite(value) and value > 0):
+                raise LayerIFError(f"{flag} must be a finite number > 0, got {value}")
+        if self.warmup is not None and not (math.isfinite(self.warmup) and self.warmup >= 0):
+            raise LayerIFError(f"--warmup must be a finite number >= 0, got {self.warmup}")
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise LayerIFError(f"--dropout must be inside [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.load_balancing) and self.load_balancing >= 0):
+            raise LayerIFError(f"--load-balancing must be a finite number >= 0, got {self.load_balancing}")
+        if self.rank < 1:
+            raise LayerIFError(f"--rank must be >= 1, got {self.rank}")
+        if self.n_train is not None and self.n_train < 1:
+            raise LayerIFError(f"--n-train must be >= 1, got {self.n_train}")
+        if self.seed < 0:
+            raise LayerIFError(f"--seed must be >= 0, got {self.seed}")
+        MoEConfig(counts=[1], top_k=[1], rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                  modules=self.modules, load_balancing=self.load_balancing)  # its own checks (modules, ...)
+        self.train_config()
+        check_aggregation(self.score)
+        check_source(self.train, self.split)
+        check_scores_folder(self.scores)
+        resolve_dtype(self.dtype)
+        check_device(self.device)
+        check_model_argument(self.model)
+        folder = OutputFolder(self.out, "moe train", overwrite=self.overwrite, inputs=[self.model], names=OUTPUTS)
+        folder.check()
+        return folder
+
+    def run(self) -> tuple[dict, ExpertAllocation, int]:
+        """Allocate, train and publish the adapter -> (training log, allocation, number of layers)."""
+        from layerif.allocate.jobs import expert_allocation
+        from layerif.data import load_rows, select_rows
+        from layerif.models import find_blocks, load_model
+
+        folder = self.validate()
+        train_config = self.train_config()
+        rows = select_rows(load_rows(self.train, self.split, self.quiet), self.n_train, what="training rows")
+        with folder:
+            loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet)
+            n_layers = len(find_blocks(loaded.model)[1])
+            allocation = expert_allocation(self.allocation, self.budget, self.beta, self.top_k,
+                                           scores_dir=self.scores, score=self.score, n_layers=n_layers,
+                                           model=loaded.model)
+            moe_options = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                           "modules": self.modules, "load_balancing": self.load_balancing}
+            log = train_adapter(loaded, rows, allocation, folder.staging, moe_options, train_config,
+                                model_name=self.model, quiet=self.quiet,
+                                extra={"train": self.train, "n_train": len(rows)})
+            folder.publish()
+        return log, allocation, n_layers

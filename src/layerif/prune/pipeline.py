@@ -7,6 +7,9 @@ from pathlib import Path
 
 from layerif.errors import LayerIFError
 from layerif.io import atomic_write_json
+from layerif.outdir import OutputFolder
+
+OUTPUTS = ("ratios.json", "prune.json")
 
 
 @dataclass
@@ -31,57 +34,72 @@ class PruneJob:
     dtype: str | None = None
     device: str | None = None
     quiet: bool = False
+    overwrite: bool = False
 
+    def output_folder(self) -> OutputFolder:
+        """--out under the output-folder policy (never the model's own folder)."""
+        return OutputFolder(self.out, "prune", overwrite=self.overwrite, inputs=[self.model], names=OUTPUTS)
 
-def validate(job: PruneJob) -> None:
-    """Check the arguments that can be checked before loading anything."""
-    from layerif.allocate.sparsity import ALLOCATIONS, check_epsilon, check_sparsity, is_ratio_file
-    from layerif.prune.run import check_method
+    def validate(self) -> OutputFolder:
+        """Check every argument that can be checked before loading anything; the checked --out folder."""
+        from layerif.allocate.sparsity import ALLOCATIONS, check_epsilon, check_sparsity, is_ratio_file
+        from layerif.models.load import check_device, check_model_source, resolve_dtype
+        from layerif.prune.run import check_method
 
-    check_method(job.method)
-    if is_ratio_file(job.allocation):
-        if not Path(job.allocation).is_file():
-            raise LayerIFError(f"allocation file not found: {job.allocation}")
-    elif job.allocation not in ALLOCATIONS:
-        raise LayerIFError(f"unknown allocation {job.allocation!r}; choose from {', '.join(ALLOCATIONS)} or a JSON file")
-    else:
-        check_sparsity(job.sparsity)
-        check_epsilon(job.epsilon)
-    if job.allocation in ("layerif", "reversed") and job.scores is None:
-        raise LayerIFError(f"--allocation {job.allocation} needs --scores (a `layerif score` run folder)")
-    if (job.method != "magnitude" or job.allocation == "owl") and job.calib is None:
-        raise LayerIFError("this method/allocation needs calibration text: pass --calib")
-    if job.calib is not None and not Path(job.calib).is_file():
-        raise LayerIFError(f"calibration file not found: {job.calib}")
-    if job.calib_sequences < 1:
-        raise LayerIFError(f"--calib-sequences must be >= 1, got {job.calib_sequences}")
-    if job.calib_length is not None and job.calib_length < 2:
-        raise LayerIFError(f"--calib-length must be >= 2, got {job.calib_length}")
-    if Path(job.out).exists() and not Path(job.out).is_dir():
-        raise LayerIFError(f"--out {job.out} exists and is not a folder")
+        check_method(self.method)
+        if is_ratio_file(self.allocation):
+            if not Path(self.allocation).is_file():
+                raise LayerIFError(f"allocation file not found: {self.allocation}")
+        elif self.allocation not in ALLOCATIONS:
+            raise LayerIFError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)} "
+                               "or a JSON file")
+        else:
+            check_sparsity(self.sparsity)
+            check_epsilon(self.epsilon)
+        if self.allocation in ("layerif", "reversed") and self.scores is None:
+            raise LayerIFError(f"--allocation {self.allocation} needs --scores (a `layerif score` run folder)")
+        if (self.method != "magnitude" or self.allocation == "owl") and self.calib is None:
+            raise LayerIFError("this method/allocation needs calibration text: pass --calib")
+        if self.calib is not None and not Path(self.calib).is_file():
+            raise LayerIFError(f"calibration file not found: {self.calib}")
+        if self.calib_sequences < 1:
+            raise LayerIFError(f"--calib-sequences must be >= 1, got {self.calib_sequences}")
+        if self.calib_length is not None and self.calib_length < 2:
+            raise LayerIFError(f"--calib-length must be >= 2, got {self.calib_length}")
+        if self.batch_size < 1:
+            raise LayerIFError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.seed < 0:
+            raise LayerIFError(f"--seed must be >= 0, got {self.seed}")
+        resolve_dtype(self.dtype)
+        check_device(self.device)
+        check_model_source(self.model)
+        folder = self.output_folder()
+        folder.check()
+        return folder
 
+    def run(self):
+        """Prune as the job says; publish ratios.json, prune.json (and the model) into --out -> (plan, report)."""
+        from layerif.models import load_model
+        from layerif.prune.run import prune_with_allocation, save_pruned_model
+        from layerif.scores import LayerScores
 
-def run_prune(job: PruneJob):
-    """Prune as the job says; write ratios.json, prune.json (and the model) into job.out -> (plan, report)."""
-    from layerif.models import load_model
-    from layerif.prune.run import prune_with_allocation, save_pruned_model
-    from layerif.scores import LayerScores
-
-    validate(job)
-    scores = LayerScores.load(job.scores) if job.scores is not None else None
-    loaded = load_model(job.model, dtype=job.dtype, device=job.device, quiet=job.quiet)
-    plan, report = prune_with_allocation(
-        loaded.model, loaded.tokenizer, job.allocation, job.method, job.sparsity, scores=scores,
-        score_name=job.score_name, epsilon=job.epsilon, smooth_scores=job.smooth, calib=job.calib,
-        calib_sequences=job.calib_sequences, calib_length=job.calib_length, seed=job.seed,
-        batch_size=job.batch_size, quiet=job.quiet)
-    out = Path(job.out)
-    if job.save_model:
-        save_pruned_model(loaded.model, loaded.tokenizer, out)
-    plan.arguments.update(model=loaded.source, method=job.method, scores=job.scores)
-    plan.save(out / "ratios.json")
-    summary = report.to_dict()
-    summary.update(model=loaded.source, allocation=plan.allocation, target_sparsity=plan.target,
-                   model_saved=job.save_model)
-    atomic_write_json(out / "prune.json", summary)
-    return plan, report
+        folder = self.validate()
+        scores = LayerScores.load(self.scores) if self.scores is not None else None
+        with folder:
+            loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet)
+            plan, report = prune_with_allocation(
+                loaded.model, loaded.tokenizer, self.allocation, self.method, self.sparsity, scores=scores,
+                score_name=self.score_name, epsilon=self.epsilon, smooth_scores=self.smooth, calib=self.calib,
+                calib_sequences=self.calib_sequences, calib_length=self.calib_length, seed=self.seed,
+                batch_size=self.batch_size, quiet=self.quiet)
+            staging = folder.staging
+            if self.save_model:
+                save_pruned_model(loaded.model, loaded.tokenizer, staging, quiet=self.quiet)
+            plan.arguments.update(model=loaded.source, method=self.method, scores=self.scores)
+            plan.save(staging / "ratios.json")
+            summary = report.to_dict()
+            summary.update(model=loaded.source, allocation=plan.allocation, target_sparsity=plan.target,
+                           model_saved=self.save_model)
+            atomic_write_json(staging / "prune.json", summary)
+            folder.publish()
+        return plan, report

@@ -39,7 +39,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def wanda_mask(weight: torch.Tensor, input_mean_sq: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the smallest |W_ij|·‖X_j‖₂ within each output row (Wanda's comparison group)."""
-    from layerif.allocate.metrics import wanda_scores
+    from layerif.calibration import wanda_scores
 
     return row_smallest_mask(wanda_scores(weight, input_mean_sq), n_pruned(weight.numel(), sparsity))
 

@@ -118,25 +118,22 @@ def prune_model(
     return PruneReport(method, targets, measured, sizes, time.perf_counter() - started, details)
 
 
-def save_pruned_model(model: nn.Module, tokenizer, directory: str | Path) -> None:
-    """save_pretrained model + tokenizer into `directory` via a temporary folder (no half-written files)."""
-    import shutil
-    import tempfile
+def save_pruned_model(model: nn.Module, tokenizer, directory: str | Path, quiet: bool = False) -> None:
+    """save_pretrained model + tokenizer into `directory` (a staging folder of the output-folder policy)."""
+    from transformers.utils import logging as hf_logging
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".model.", dir=directory))
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(directory)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for item in staging.iterdir():
-            target = directory / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
+            tokenizer.save_pretrained(directory)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if quiet and bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def prune_with_allocation(
