@@ -119,7 +119,8 @@ def stability(
 
 
 # ---- pruning commands (layerif allocate sparsity, layerif prune, layerif evaluate) ----
-_SPARSITY_ALLOCATIONS = "layerif, reversed, uniform, owl, alphapruning, or a JSON file with one ratio per block"
+_SPARSITY_ALLOCATIONS = ("layerif, reversed, uniform, owl, alphapruning, depth (block index as the score), random "
+                         "(layerif permuted across blocks by --seed), or a JSON file with one ratio per block")
 
 
 def _print_ratios(plan, title: str) -> None:
@@ -153,6 +154,7 @@ def allocate_sparsity_command(
     calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences (owl)."),
     calib_length: int | None = typer.Option(None, "--calib-length", help="Tokens per calibration sequence (default min(2048, context))."),
     out: str | None = typer.Option(None, "--out", help="Folder for ratios.json (default: the --scores folder)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random allocation's placement."),
     quiet: bool = typer.Option(False, "--quiet", help="No table."),
 ) -> None:
     """Turn layer scores (or a baseline metric) into per-block pruning ratios; writes ratios.json."""
@@ -173,11 +175,12 @@ def allocate_sparsity_command(
         raise LayerIFError("pass --out (or --scores, whose folder then receives ratios.json)")
     loaded_scores = LayerScores.load(scores) if scores is not None else None
     if model is None:
-        if allocation not in ("layerif", "reversed"):
+        if allocation not in ("layerif", "reversed", "random", "depth"):
             raise LayerIFError(f"--allocation {allocation} needs --model")
         if loaded_scores is None:
             raise LayerIFError(f"--allocation {allocation} needs --scores")
-        plan = allocate_from_scores(loaded_scores, sparsity, epsilon, score, not no_smooth, allocation == "reversed")
+        plan = allocate_from_scores(loaded_scores, sparsity, epsilon, score, not no_smooth, allocation=allocation,
+                                    seed=seed)
     else:
         from layerif.calibration import calibration_ids, default_length
         from layerif.models import load_model
@@ -190,7 +193,8 @@ def allocate_sparsity_command(
             calib_ids = calibration_ids(calib, loaded.tokenizer, calib_sequences,
                                         calib_length or default_length(loaded.model))
         plan = allocate_sparsity(loaded.model, allocation, sparsity, scores=loaded_scores, score_name=score,
-                                 epsilon=epsilon, smooth_scores=not no_smooth, calib_ids=calib_ids, quiet=quiet)
+                                 epsilon=epsilon, smooth_scores=not no_smooth, calib_ids=calib_ids, quiet=quiet,
+                                 seed=seed)
     path = plan.save(Path(out if out is not None else scores) / "ratios.json")
     if not quiet:
         _print_ratios(plan, f"{plan.allocation} sparsity ratios (target {sparsity})")
@@ -211,7 +215,7 @@ def prune_command(
     calib: str | None = typer.Option(None, "--calib", help="Calibration text (.txt, or JSONL/JSON/CSV rows)."),
     calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences."),
     calib_length: int | None = typer.Option(None, "--calib-length", help="Tokens per sequence (default min(2048, context))."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random calibration windows."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random calibration windows and of the random allocation."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration sequences per forward."),
     save_model: bool = typer.Option(False, "--save-model", help="Also save the pruned model (save_pretrained) into --out."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (default: the checkpoint's)."),
@@ -280,8 +284,8 @@ def evaluate_command(
 
 
 # ---- LoRA-MoE commands (layerif allocate experts, layerif moe train, layerif moe evaluate) ----
-_ALLOCATION_HELP = ("layerif, reversed, uniform, mola-2468, mola-8642, mola-5555, alphalora, "
-                    "or a comma list of counts per layer")
+_ALLOCATION_HELP = ("layerif, reversed, uniform, mola-2468, mola-8642, mola-5555, alphalora, depth (layer index "
+                    "as the score), random (layerif counts permuted by --seed), or a comma list of counts per layer")
 
 
 @allocate_app.command("experts")
@@ -295,6 +299,7 @@ def allocate_experts_command(
     layers: int | None = typer.Option(None, "--layers", help="Number of layers (for uniform/MoLA without --scores)."),
     model: str | None = typer.Option(None, "--model", help="Model for alphalora (its PL_Alpha_Hill per block)."),
     out: str | None = typer.Option(None, "--out", help="Folder for experts.json (default: print the counts)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random allocation's placement."),
 ) -> None:
     """Turn layer scores into LoRA experts per layer (exactly --budget in total, >= 1 per layer)."""
     from layerif.moe.pipeline import allocation_from_scores
@@ -306,12 +311,12 @@ def allocate_experts_command(
         from layerif.models import load_model
 
         loaded_model = load_model(model, quiet=True).model
-    if layers is None and scores is not None and allocation not in ("layerif", "reversed"):
+    if layers is None and scores is not None and allocation not in ("layerif", "reversed", "random"):
         from layerif.scores import LayerScores
 
         layers = LayerScores.load(scores).n_layers
     result = allocation_from_scores(allocation, budget, beta, top_k, scores_dir=scores, score=score,
-                                    n_layers=layers, model=loaded_model)
+                                    n_layers=layers, model=loaded_model, seed=seed)
     if out is None:
         typer.echo(f"counts: {','.join(map(str, result.counts))}")
         typer.echo(f"top_k:  {','.join(map(str, result.top_k))}")
@@ -351,7 +356,7 @@ def moe_train_command(
     cutoff: int = typer.Option(256, "--cutoff", help="Maximum tokens per training text."),
     train_on_inputs: bool = typer.Option(True, "--train-on-inputs/--output-only", help="Loss on the whole text or only the output."),
     n_train: int | None = typer.Option(None, "--n-train", help="Use only the first n training rows."),
-    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling and dropout."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling, dropout and the random allocation."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, float16."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: the loader's)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -371,7 +376,7 @@ def moe_train_command(
     loaded = load_model(model, dtype=dtype, device=device, quiet=quiet)
     n_layers = len(find_blocks(loaded.model)[1])
     result = allocation_from_scores(allocation, budget, beta, top_k, scores_dir=scores, score=score,
-                                    n_layers=n_layers, model=loaded.model)
+                                    n_layers=n_layers, model=loaded.model, seed=seed)
     moe_options = {"rank": rank, "alpha": alpha, "dropout": dropout, "modules": modules,
                    "load_balancing": load_balancing}
     log = train_adapter(loaded, rows, result, out, moe_options, train_config, model_name=model, quiet=quiet,

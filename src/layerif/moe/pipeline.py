@@ -29,11 +29,12 @@ def allocation_from_scores(
     n_layers: int | None = None,
     model=None,
     alpha_modules: str = "all",
+    seed: int = 0,
 ) -> ExpertAllocation:
     """Expert counts for `method`, reading layer scores from a `layerif score` run folder when needed."""
     scores = None
     arguments: dict = {"allocation": method, "score": score}
-    if method in ("layerif", "reversed"):
+    if method in ("layerif", "reversed", "random"):
         if scores_dir is None:
             raise LayerIFError(f"--allocation {method} needs --scores (a folder written by `layerif score`)")
         from layerif.scores import LayerScores
@@ -48,7 +49,7 @@ def allocation_from_scores(
     if n_layers is None and scores is None and alphas is None and method in METHODS:
         raise LayerIFError(f"--allocation {method} needs the number of layers (give --scores or the model)")
     return allocate_experts(method, n_layers=n_layers, budget=budget, scores=scores, beta=beta, top_k=top_k,
-                            alphas=alphas, arguments=arguments)
+                            alphas=alphas, arguments=arguments, seed=seed)
 
 
 def train_adapter(

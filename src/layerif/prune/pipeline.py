@@ -35,7 +35,13 @@ class PruneJob:
 
 def validate(job: PruneJob) -> None:
     """Check the arguments that can be checked before loading anything."""
-    from layerif.allocate.sparsity import ALLOCATIONS, check_epsilon, check_sparsity, is_ratio_file
+    from layerif.allocate.sparsity import (
+        ALLOCATIONS,
+        NEEDS_SCORES,
+        check_epsilon,
+        check_sparsity,
+        is_ratio_file,
+    )
     from layerif.prune.run import check_method
 
     check_method(job.method)
@@ -47,7 +53,7 @@ def validate(job: PruneJob) -> None:
     else:
         check_sparsity(job.sparsity)
         check_epsilon(job.epsilon)
-    if job.allocation in ("layerif", "reversed") and job.scores is None:
+    if job.allocation in NEEDS_SCORES and job.scores is None:
         raise LayerIFError(f"--allocation {job.allocation} needs --scores (a `layerif score` run folder)")
     if (job.method != "magnitude" or job.allocation == "owl") and job.calib is None:
         raise LayerIFError("this method/allocation needs calibration text: pass --calib")
