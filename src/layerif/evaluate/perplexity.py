@@ -23,7 +23,8 @@ def perplexity(
     """exp(mean next-token NLL) over the first `max_windows` non-overlapping windows of `length` tokens.
 
     The text is the file's lines joined by blank lines; every window is scored on its own (its first token
-    has no context), as in the SparseGPT and Wanda evaluations.
+    has no context), as in the SparseGPT and Wanda evaluations. `window_nll` holds each window's summed NLL
+    and `window_tokens` its scored tokens, the per-item results that paired statistics resample.
     """
     from tqdm.auto import tqdm
 
@@ -42,15 +43,16 @@ def perplexity(
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * length].view(n_windows, length)
     device = next(model.parameters()).device
-    total_nll = torch.zeros((), dtype=torch.float64)
+    window_nll = []
     with torch.no_grad():
         for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=quiet, unit="batch"):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                              reduction="sum")
-            total_nll += nll.double().cpu()
+            nll = nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            window_nll.append(nll.double().sum(dim=1).cpu())
+    per_window = torch.cat(window_nll)
     n_tokens = n_windows * (length - 1)
-    mean_nll = float(total_nll) / n_tokens
+    mean_nll = float(per_window.sum()) / n_tokens
     return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "windows": n_windows, "length": length,
-            "tokens_scored": n_tokens, "source": str(source)}
+            "tokens_scored": n_tokens, "source": str(source), "window_nll": per_window.tolist(),
+            "window_tokens": [length - 1] * n_windows}
