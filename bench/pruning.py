@@ -286,6 +286,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="--standard: only rewrite the tables.")
     parser.add_argument("--smoke", action="store_true", help="--standard at tiny sizes (checks the code).")
     parser.add_argument("--model", default="smollm2-135m", help="--standard --smoke: another (tiny) model folder.")
+    parser.add_argument("--plan", action="store_true", help="--standard: list the units left, with projected time.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not (DATA / "zeroshot").is_dir():
@@ -294,7 +295,7 @@ def main() -> None:
         import pruning_standard
 
         pruning_standard.main(args.threads, args.settings, not args.no_variants, args.report_only, args.smoke,
-                              args.model)
+                              args.model, args.plan)
         return
     preset_name = "reference" if args.reference else "quick" if args.quick else "full"
     preset = PRESETS[preset_name]

@@ -7,26 +7,38 @@ SmolLM2-135M (built-in GGUF, float32). Everything the DESIGN §7 asks of a resul
   validation) and `wikitext` (128-token chunks of the calibration part of WikiText-2 valid); S_pos and S_top25
   come from the same run. Variants (`--modules attn` scores, no smoothing, the WikiText profile) run only at the
   settings where LayerIF S_pos is not better than `depth` on test perplexity, as the issue asks.
-- Settings (pruner, sparsity) in SETTINGS; calibration 128 x 512 tokens of WikiText-2 valid, 3 seeds.
+- Settings (pruner, sparsity): Wanda 70 %, SparseGPT 70 %, Wanda 60 %, in that order; calibration 128 x 512
+  tokens of WikiText-2 valid (its calibration part), 3 seeds.
 - Allocations: uniform, OWL, AlphaPruning, LayerIF S_pos and S_top25, reversed, depth, random (5 placement
   seeds, calibration seed = placement seed mod 3).
-- ε for LayerIF S_pos, S_top25, AlphaPruning and depth chosen from {0.05, 0.1, 0.2, 0.3} by perplexity on the
-  last SELECT_WINDOWS non-overlapping 512-token windows of WikiText-2 valid (never drawn for calibration),
-  calibration seed 0; reversed and random use the ε chosen for LayerIF S_pos (they are its controls).
+- ε for LayerIF S_pos, depth and AlphaPruning chosen from {0.05, 0.1, 0.2, 0.3} by perplexity on the last 32
+  non-overlapping 512-token windows of WikiText-2 valid (never drawn for calibration), calibration seed 0;
+  S_top25, reversed, random and the variants use the ε chosen for LayerIF S_pos.
 - Test: perplexity on the first 200 windows of 512 tokens of WikiText-2 test, zero-shot ARC-e, ARC-c,
   OpenBookQA, RTE on the first 500 rows each (BoolQ in its own column: its rows carry no passage).
 - Statistics: per-window NLL and per-row correctness kept; paired bootstrap (10,000 seeded resamples) of
   LayerIF minus each alternative, seeds averaged inside a resample; spread over seeds beside it.
 
-Sizing (measured, see the report): one test unit = one prune + one evaluation; the grid below is what fits
-2.5 h on 2 idle cores with that cost — see GRID_SIZING. Every unit is saved under runs/bench-pruning-standard/;
-rerunning skips finished units and rewrites the tables from everything finished so far.
+Sizing. Units run in priority order (per setting: ε selection, then seed round 0 of every allocation in MAIN
+order, then rounds 1, 2, ...; settings in order; variants last) and each is saved under
+runs/bench-pruning-standard/, so a run stopped at any time leaves complete tables for what finished and a
+rerun continues. Cost model on 2 idle cores (forward ≈ 450 tokens/s for this model, from the committed
+score_speed and quick-pruning timings; the session that wrote this could not time a unit itself, the machine
+being saturated): test evaluation = 200 x 512 perplexity tokens + ≈ 7,500 lm-eval requests of ≈ 60 tokens
+≈ 550k tokens ≈ 1,230 s; Wanda prune (128 x 512 calibration) ≈ 110 s, SparseGPT ≈ 450 s; ε-selection unit =
+prune + 32 validation windows ≈ 150 s (Wanda); one 300 x 50 scoring ≈ 450 s; dense evaluation ≈ 1,270 s.
+Phase A (the question) = dense + tasks scores + 8 Wanda-70 selection units + LayerIF, depth, random, uniform
+at seed 0 ≈ 1,270 + 450 + 1,200 + 4 x 1,340 ≈ 8,300 s ≈ 2.3 h: the 2.5 h budget holds the question, not the
+whole grid (≈ 26 test units per setting ≈ 10 h for Wanda 70 % alone). The statistics are never shrunk (200
+windows, 500 rows, 10,000 resamples); the grid is, by stopping the run: `--plan` prints every unit in order
+with its projected cumulative time, from the measured times of finished units when there are any.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -47,19 +59,20 @@ SIDE_TASK = "boolq"  # passage-less: reported in its own column, not in the mean
 # (pruner, sparsity), in the order they run: the first is the headline setting
 SETTINGS = (("wanda", 0.7), ("sparsegpt", 0.7), ("wanda", 0.6))
 EPSILONS = (0.05, 0.1, 0.2, 0.3)
-TUNED = ("layerif", "layerif-top25", "alphapruning", "depth")
+TUNED = ("layerif", "depth", "alphapruning")  # the allocations whose ε is chosen on validation
 CALIB_SEEDS = (0, 1, 2)
 RANDOM_SEEDS = (0, 1, 2, 3, 4)
 CALIB_SEQUENCES, CALIB_LENGTH = 128, 512
 PPL_WINDOWS, PPL_LENGTH, LIMIT = 200, 512, 500
 SELECT_WINDOWS = 32
 SCORE_TRAIN, SCORE_VAL = 300, 50
-MAIN = ("layerif", "layerif-top25", "depth", "random", "uniform", "owl", "alphapruning", "reversed")
+# priority order: the first four answer "does LayerIF beat the depth prior / random placement?"
+MAIN = ("layerif", "depth", "random", "uniform", "alphapruning", "owl", "layerif-top25", "reversed")
 VARIANTS = ("layerif-wikitext", "layerif-attn", "layerif-nosmooth")
 # what each allocation of the study is: library allocation, score profile, score, smoothing, whose ε it uses
 SPECS = {
     "layerif": ("layerif", "tasks", "S_pos", True, "layerif"),
-    "layerif-top25": ("layerif", "tasks", "S_top25", True, "layerif-top25"),
+    "layerif-top25": ("layerif", "tasks", "S_top25", True, "layerif"),
     "depth": ("depth", None, None, True, "depth"),
     "random": ("random", "tasks", "S_pos", True, "layerif"),
     "reversed": ("reversed", "tasks", "S_pos", True, "layerif"),
@@ -70,7 +83,9 @@ SPECS = {
     "layerif-attn": ("layerif", "tasks-attn", "S_pos", True, "layerif"),
     "layerif-nosmooth": ("layerif", "tasks", "S_pos", False, "layerif"),
 }
-GRID_SIZING = """filled in from the measured single unit; see the report's sizing paragraph"""
+# seconds per unit kind on 2 idle cores, used by --plan until finished units give measured times
+ESTIMATES = {"dense": 1270, "scores": 450, "inputs-alpha": 60, "inputs-owl": 150, "select-wanda": 150,
+             "select-sparsegpt": 490, "test-wanda": 1340, "test-sparsegpt": 1680}
 
 
 def setting_name(method: str, sparsity: float) -> str:
@@ -271,18 +286,64 @@ def evaluate(model, tokenizer) -> dict:
             "acc": {task: entry["acc"] for task, entry in zero["tasks"].items()}}
 
 
-def schedule(study: Study, settings, variants: bool) -> None:
-    """Run every unit in an order that makes partial tables useful: per setting, ε first, then seed by seed."""
+def unit_kind(key: str) -> str:
+    parts = key.split("-")
+    if parts[0] in ("select", "test"):
+        return f"{parts[0]}-{parts[1]}"
+    return "inputs-owl" if key.startswith("inputs-owl") else parts[0] if parts[0] != "inputs" else key
+
+
+class PlannedUnits(Units):
+    """Units that only record what would run (for --plan): unfinished units return a placeholder."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.planned: list[str] = []
+
+    def run(self, key: str, compute) -> dict:
+        if self.done(key):
+            return self.load(key)
+        if key not in self.planned:
+            self.planned.append(key)
+        return {"valid_ppl": 0.0}
+
+
+def print_plan(settings, variants: bool) -> None:
+    """Every unfinished unit in run order with the projected cumulative hours."""
+    units = PlannedUnits(WORK)
+    schedule(Study(units, 2), settings, variants=False, report=False)
+    measured: dict[str, list[float]] = {}
+    for path in WORK.glob("*.json") if WORK.is_dir() else []:
+        if not path.name.startswith("_"):
+            measured.setdefault(unit_kind(path.stem), []).append(json.loads(path.read_text())["seconds"])
+    planned = list(units.planned)
+    extra = ["scores-tasks", "inputs-alpha"] + [f"inputs-owl-s{seed}" for seed in CALIB_SEEDS]
+    for key in reversed(extra):
+        if not units.done(key):
+            first_use = {"scores-tasks": "-layerif", "inputs-alpha": "-alphapruning"}.get(key, f"owl-s{key[-1]}")
+            at = next((i for i, k in enumerate(planned) if first_use in k), len(planned))
+            planned.insert(at, key)
+    total = 0.0
+    for key in planned:
+        kind = unit_kind(key)
+        seconds = float(np.mean(measured[kind])) if kind in measured else ESTIMATES.get(kind, 1340)
+        total += seconds
+        print(f"{total / 3600:6.2f} h  {key}  ({seconds:.0f} s, {'measured' if kind in measured else 'estimated'})")
+    if variants:
+        print("variants (3 x 3 test units per setting where LayerIF does not beat depth) come after, if needed")
+
+
+def schedule(study: Study, settings, variants: bool, report: bool = True) -> None:
+    """Run every unit in priority order (ε selection runs when an allocation first needs it), seed by seed."""
     study.dense_unit()
     for method, sparsity in settings:
-        for allocation in TUNED:
-            study.chosen_epsilon(method, sparsity, allocation)
         for round_ in range(max(len(CALIB_SEEDS), len(RANDOM_SEEDS))):
             for allocation in MAIN:
                 runs = runs_of(allocation)
                 if round_ < len(runs):
                     study.test_unit(method, sparsity, allocation, *runs[round_])
-            write_report(study)
+            if report:
+                write_report(study)
     if variants:
         for method, sparsity in settings:
             if layerif_beats_depth(study, method, sparsity):
@@ -527,14 +588,17 @@ def shrink_for_smoke() -> None:
 
 
 def main(threads: int = 2, settings: str | None = None, variants: bool = True, report_only: bool = False,
-         smoke: bool = False, model: str = "smollm2-135m") -> None:
-    """Run (or resume) the study and write its report."""
+         smoke: bool = False, model: str = "smollm2-135m", plan: bool = False) -> None:
+    """Run (or resume) the study and write its report (or, with `plan`, list what is left to run)."""
     if smoke:
         shrink_for_smoke()
     torch.set_num_threads(threads)
     START_STATE.update(machine_state())
     chosen = SETTINGS if settings is None else tuple(
         (part.split("-")[0], int(part.split("-")[1]) / 100) for part in settings.split(","))
+    if plan:
+        print_plan(chosen, variants)
+        return
     study = Study(Units(WORK), threads, model)
     command = "python bench/pruning.py --standard" + (f" --settings {settings}" if settings else "") + \
         (" --smoke" if smoke else "")
