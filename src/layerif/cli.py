@@ -351,7 +351,8 @@ def moe_train_command(
     epochs: float = typer.Option(3.0, "--epochs", help="Passes over the training rows."),
     lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate."),
     batch_size: int = typer.Option(16, "--batch-size", help="Effective batch size."),
-    micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="Rows per forward (gradient accumulation)."),
+    micro_batch_size: int | None = typer.Option(None, "--micro-batch-size", help="Rows per forward (gradient accumulation); default: the largest that fits --max-memory."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Activation memory budget of one micro-batch, e.g. 4GiB (default: half the free memory)."),
     warmup: float | None = typer.Option(None, "--warmup", help="Warm-up steps (>= 1) or fraction (< 1); default min(100, 10 %)."),
     cutoff: int = typer.Option(256, "--cutoff", help="Maximum tokens per training text."),
     train_on_inputs: bool = typer.Option(True, "--train-on-inputs/--output-only", help="Loss on the whole text or only the output."),
@@ -368,7 +369,7 @@ def moe_train_command(
     from layerif.moe.train import TrainConfig
 
     train_config = TrainConfig(
-        epochs=epochs, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
+        epochs=epochs, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size, max_memory=max_memory,
         warmup=None if warmup is None else (int(warmup) if warmup >= 1 else warmup), cutoff=cutoff,
         train_on_inputs=train_on_inputs, seed=seed,
     )
