@@ -7,6 +7,7 @@ number of trainable parameters. Accuracy = label log-likelihood on the first tes
 
     python bench/moe.py --quick          # the committed table (sizes below, under an hour on 2 cores)
     python bench/moe.py                  # full size: all train rows, 3 epochs, all test rows (days on a CPU)
+    python bench/moe.py --standard       # the study with controls, seeds and paired statistics (bench/moe_standard.py)
 
 Every finished run is cached under --work (scores, allocations, per-run results), so an interrupted
 benchmark resumes where it stopped.
@@ -61,6 +62,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-moe"), help="cache of scores and runs")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--name", help="results file stem (default moe, or moe-full without --quick)")
+    parser.add_argument("--standard", action="store_true",
+                        help="the standard study: validation curves, controls, 3 seeds, paired statistics (hours)")
+    parser.add_argument("--smoke", action="store_true", help="--standard at tiny sizes (checks the code)")
+    parser.add_argument("--plan", action="store_true", help="--standard: list the units left with projected time")
+    parser.add_argument("--model", default="smollm2-135m", help="--standard --smoke: another (tiny) model folder")
     return parser.parse_args()
 
 
@@ -102,6 +108,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.standard:
+        import moe_standard
+
+        return moe_standard.main(max(2, args.threads), args.smoke, args.model, args.plan, args.report_only)
     from layerif.allocate.experts import ExpertAllocation, allocate_experts, model_alphas
     from layerif.evaluate.labels import loglik_accuracy
     from layerif.io import atomic_write_json

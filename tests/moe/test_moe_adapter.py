@@ -143,3 +143,20 @@ def test_auto_micro_batch_trains_like_an_explicit_one():
         logs.append(train_moe(model, tokenizer, rows, config, quiet=True))
     assert logs[1]["micro_batch_size"] == 2 and logs[1]["memory_plan"]["chosen"] == "memory budget"
     assert logs[0]["losses"] == pytest.approx(logs[1]["losses"], rel=1e-6)
+
+
+def test_steps_override_epochs_and_on_step_sees_every_step():
+    tokenizer = char_tokenizer()
+    model = inject_moe(tiny_llama(), MoEConfig(counts=[2] * 4, dropout=0.0), seed=0)
+    seen = []
+
+    def record(step):
+        seen.append((step, model.training))
+        model.eval()  # a callback may switch modes; training resumes in train mode
+
+    log = train_moe(model, tokenizer, task_rows(8), TrainConfig(epochs=1, steps=5, batch_size=4), quiet=True,
+                    on_step=record)
+    assert log["steps"] == 5 and len(log["losses"]) == 5
+    assert seen == [(step, True) for step in range(1, 6)]
+    with pytest.raises(LayerIFError, match="--steps"):
+        TrainConfig(steps=0)

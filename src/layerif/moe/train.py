@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ class TrainConfig:
     """Training settings; the defaults are the paper's (3 epochs, lr 3e-4, AdamW, cutoff 256, warm-up 100)."""
 
     epochs: float = field(default=3.0, metadata={"help": "passes over the training rows (fractions allowed)"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs when given"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=16, metadata={"help": "effective batch (micro-batch × accumulation)"})
@@ -44,6 +46,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise LayerIFError(f"--epochs must be > 0, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise LayerIFError(f"--steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
             raise LayerIFError(f"--lr must be > 0, got {self.lr}")
         if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
@@ -179,8 +183,12 @@ def warmup_steps(config: TrainConfig, total_steps: int) -> int:
 
 
 def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig | None = None,
-              quiet: bool = False) -> dict:
-    """Train the model's trainable (LoRA-MoE) parameters on `rows`; returns a small log (losses, timing)."""
+              quiet: bool = False, on_step: Callable[[int], None] | None = None) -> dict:
+    """Train the model's trainable (LoRA-MoE) parameters on `rows`; returns a small log (losses, timing).
+
+    `on_step(step)` runs after every optimizer step (e.g. a validation curve); the model is put back in
+    training mode after it.
+    """
     from tqdm.auto import tqdm
 
     config = config or TrainConfig()
@@ -199,7 +207,7 @@ def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     micro_batch_size, memory_plan = plan_micro_batch(model, items, config, pad_id)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
-    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    total_steps = config.steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     warmup = warmup_steps(config, total_steps)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total_steps))
@@ -246,6 +254,9 @@ def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(step_loss)
                 step += 1
+                if on_step is not None:
+                    on_step(step)
+                    model.train()
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.3f}")
     finally:
