@@ -7,6 +7,7 @@ number of trainable parameters. Accuracy = label log-likelihood on the first tes
 
     python bench/moe.py --quick          # the committed table (sizes below, under an hour on 2 cores)
     python bench/moe.py                  # full size: all train rows, 3 epochs, all test rows (days on a CPU)
+    python bench/moe.py --standard       # the study with controls, seeds and paired statistics (bench/moe_standard.py)
 
 Every finished run is cached under --work (scores, allocations, per-run results), so an interrupted
 benchmark resumes where it stopped.
@@ -52,7 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--score-train", type=int, help="train rows for LayerIF scoring (paper: 300)")
     parser.add_argument("--score-val", type=int, help="validation rows for LayerIF scoring (paper: 50)")
     parser.add_argument("--report-only", action="store_true", help="only write the tables from cached runs")
-    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=None,
+                        help="rows per forward (default: the largest that fits half the free memory)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
@@ -60,6 +62,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-moe"), help="cache of scores and runs")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--name", help="results file stem (default moe, or moe-full without --quick)")
+    parser.add_argument("--standard", action="store_true",
+                        help="the standard study: validation curves, controls, 3 seeds, paired statistics (hours)")
+    parser.add_argument("--smoke", action="store_true", help="--standard at tiny sizes (checks the code)")
+    parser.add_argument("--plan", action="store_true", help="--standard: list the units left with projected time")
+    parser.add_argument("--model", default="smollm2-135m", help="--standard --smoke: another (tiny) model folder")
     return parser.parse_args()
 
 
@@ -101,6 +108,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.standard:
+        import moe_standard
+
+        return moe_standard.main(max(2, args.threads), args.smoke, args.model, args.plan, args.report_only)
     from layerif.allocate.experts import ExpertAllocation, allocate_experts, model_alphas
     from layerif.evaluate.labels import loglik_accuracy
     from layerif.io import atomic_write_json
@@ -130,7 +141,8 @@ def main() -> int:
     lora_rank = plain_lora_rank(base, expected_parameters(base, reference))
     args.batch_size = size["batch_size"]
     train_config = TrainConfig(epochs=size["epochs"], lr=args.lr, batch_size=args.batch_size,
-                               micro_batch_size=min(args.micro_batch_size, args.batch_size), seed=args.seed)
+                               micro_batch_size=None if args.micro_batch_size is None else min(args.micro_batch_size, args.batch_size),
+                               seed=args.seed)
 
     records, allocations, scoring_seconds = [], {}, {}
     for task in tasks:
@@ -247,7 +259,7 @@ def write_results(results: Path, name: str, records, allocations, tasks, methods
         f"{n_layers} blocks), LoRA-MoE on every attention and MLP projection, rank 8, alpha 16, dropout 0.05, "
         f"top-k = min(2, n_l), budget T = {budget} experts ({budget // n_layers} per layer on average), "
         f"beta = {args.beta}. Training: first {size['n_train'] or 'all'} train rows, {size['epochs']:g} epoch(s), "
-        f"AdamW lr {args.lr:g}, batch {args.batch_size} (micro {args.micro_batch_size}), warm-up min(100, 10 %), "
+        f"AdamW lr {args.lr:g}, batch {args.batch_size} (micro {args.micro_batch_size or 'auto'}), warm-up min(100, 10 %), "
         f"loss on the whole text, seed {args.seed}. "
         f"Evaluation: label log-likelihood on the first {size['n_test'] or 'all'} test rows; accuracy in % ± "
         f"binomial standard error. LayerIF scores: DataInf over all block weights, first {size['score_train']} "

@@ -9,6 +9,7 @@ and reports WikiText-2 test perplexity and zero-shot accuracy (lm-eval protocol)
 
     python bench/pruning.py --quick     # the committed results (under 30 min on 2 idle cores)
     python bench/pruning.py             # full size: 300 x 50 scores per task, 128 x 512 calibration, ...
+    python bench/pruning.py --standard  # the study with controls and statistics (bench/pruning_standard.py)
 
 Writes bench/results/pruning{tag}.md, .csv and .png. Rows are appended to the CSV as they finish; --resume
 skips configurations already in it (and reuses saved scores under runs/bench-pruning/).
@@ -278,10 +279,24 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="Skip configurations already in the CSV.")
     parser.add_argument("--tag", default="", help="Suffix of the result files.")
     parser.add_argument("--threads", type=int, default=2, help="torch threads.")
+    parser.add_argument("--standard", action="store_true",
+                        help="The standard study (controls, ε on validation, seeds, paired statistics; hours).")
+    parser.add_argument("--settings", help="--standard: only these pruner-sparsity settings, e.g. wanda-70,wanda-60.")
+    parser.add_argument("--no-variants", action="store_true", help="--standard: skip the LayerIF variants.")
+    parser.add_argument("--report-only", action="store_true", help="--standard: only rewrite the tables.")
+    parser.add_argument("--smoke", action="store_true", help="--standard at tiny sizes (checks the code).")
+    parser.add_argument("--model", default="smollm2-135m", help="--standard --smoke: another (tiny) model folder.")
+    parser.add_argument("--plan", action="store_true", help="--standard: list the units left, with projected time.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not (DATA / "zeroshot").is_dir():
         sys.exit(f"benchmark data not found at {DATA}")
+    if args.standard:
+        import pruning_standard
+
+        pruning_standard.main(args.threads, args.settings, not args.no_variants, args.report_only, args.smoke,
+                              args.model, args.plan)
+        return
     preset_name = "reference" if args.reference else "quick" if args.quick else "full"
     preset = PRESETS[preset_name]
     tag = args.tag or {"quick": "", "full": "_full", "reference": "_reference"}[preset_name]

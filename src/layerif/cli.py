@@ -119,7 +119,8 @@ def stability(
 
 
 # ---- pruning commands (layerif allocate sparsity, layerif prune, layerif evaluate) ----
-_SPARSITY_ALLOCATIONS = "layerif, reversed, uniform, owl, alphapruning, or a JSON file with one ratio per block"
+_SPARSITY_ALLOCATIONS = ("layerif, reversed, uniform, owl, alphapruning, depth (block index as the score), random "
+                         "(layerif permuted across blocks by --seed), or a JSON file with one ratio per block")
 _AGGREGATION_FLAGS = ("--aggregation", "--score")  # --score: the earlier name, kept working
 _AGGREGATION_HELP = "Layer score aggregation: S_pos, S_top25 or S_all (also --score)."
 _OVERWRITE_HELP = "Replace our earlier outputs in --out (files we did not write are always kept)."
@@ -157,6 +158,7 @@ def allocate_sparsity_command(
     calib_length: int | None = typer.Option(None, "--calib-length", help="Tokens per calibration sequence (default min(2048, context))."),
     out: str | None = typer.Option(None, "--out", help="Folder for ratios.json (default: the --scores folder)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random allocation's placement."),
     quiet: bool = typer.Option(False, "--quiet", help="No table."),
 ) -> None:
     """Turn layer scores (or a baseline metric) into per-block pruning ratios; writes ratios.json."""
@@ -164,7 +166,7 @@ def allocate_sparsity_command(
 
     job = SparsityJob(sparsity=sparsity, scores=scores, allocation=allocation, epsilon=epsilon, score=aggregation,
                       smooth=not no_smooth, model=model, calib=calib, calib_sequences=calib_sequences,
-                      calib_length=calib_length, out=out, overwrite=overwrite, quiet=quiet)
+                      calib_length=calib_length, out=out, overwrite=overwrite, quiet=quiet, seed=seed)
     plan, path = job.run()
     if not quiet:
         _print_ratios(plan, f"{plan.allocation} sparsity ratios (target {sparsity})")
@@ -185,7 +187,7 @@ def prune_command(
     calib: str | None = typer.Option(None, "--calib", help="Calibration text (.txt, or JSONL/JSON/CSV rows)."),
     calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences."),
     calib_length: int | None = typer.Option(None, "--calib-length", help="Tokens per sequence (default min(2048, context))."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random calibration windows."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random calibration windows and of the random allocation."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration sequences per forward."),
     save_model: bool = typer.Option(False, "--save-model", help="Also save the pruned model (save_pretrained) into --out."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (default: the checkpoint's)."),
@@ -256,8 +258,8 @@ def evaluate_command(
 
 
 # ---- LoRA-MoE commands (layerif allocate experts, layerif moe train, layerif moe evaluate) ----
-_ALLOCATION_HELP = ("layerif, reversed, uniform, mola-2468, mola-8642, mola-5555, alphalora, "
-                    "or a comma list of counts per layer")
+_ALLOCATION_HELP = ("layerif, reversed, uniform, mola-2468, mola-8642, mola-5555, alphalora, depth (layer index "
+                    "as the score), random (layerif counts permuted by --seed), or a comma list of counts per layer")
 
 
 @allocate_app.command("experts")
@@ -272,12 +274,13 @@ def allocate_experts_command(
     model: str | None = typer.Option(None, "--model", help="Model for alphalora (its PL_Alpha_Hill per block)."),
     out: str | None = typer.Option(None, "--out", help="Folder for experts.json (default: print the counts)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random allocation's placement."),
 ) -> None:
     """Turn layer scores into LoRA experts per layer (exactly --budget in total, >= 1 per layer)."""
     from layerif.allocate.jobs import ExpertsJob
 
     job = ExpertsJob(scores=scores, budget=budget, beta=beta, score=aggregation, allocation=allocation, top_k=top_k,
-                     layers=layers, model=model, out=out, overwrite=overwrite)
+                     layers=layers, model=model, out=out, overwrite=overwrite, seed=seed)
     result, path = job.run()
     if path is None:
         typer.echo(f"counts: {','.join(map(str, result.counts))}")
@@ -307,12 +310,13 @@ def moe_train_command(
     epochs: float = typer.Option(3.0, "--epochs", help="Passes over the training rows."),
     lr: float = typer.Option(3e-4, "--lr", help="AdamW learning rate."),
     batch_size: int = typer.Option(16, "--batch-size", help="Effective batch size."),
-    micro_batch_size: int = typer.Option(4, "--micro-batch-size", help="Rows per forward (gradient accumulation)."),
+    micro_batch_size: int | None = typer.Option(None, "--micro-batch-size", help="Rows per forward (gradient accumulation); default: the largest that fits --max-memory."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Activation memory budget of one micro-batch, e.g. 4GiB (default: half the free memory)."),
     warmup: float | None = typer.Option(None, "--warmup", help="Warm-up steps (>= 1) or fraction (< 1); default min(100, 10 %)."),
     cutoff: int = typer.Option(256, "--cutoff", help="Maximum tokens per training text."),
     train_on_inputs: bool = typer.Option(True, "--train-on-inputs/--output-only", help="Loss on the whole text or only the output."),
     n_train: int | None = typer.Option(None, "--n-train", help="Use only the first n training rows."),
-    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling and dropout."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation, shuffling, dropout and the random allocation."),
     dtype: str | None = typer.Option(None, "--dtype", help="Model dtype: float32, bfloat16, float16."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: the loader's)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
@@ -324,7 +328,8 @@ def moe_train_command(
     job = MoETrainJob(model=model, train=train, out=out, split=split, allocation=allocation, scores=scores,
                       budget=budget, beta=beta, score=aggregation, top_k=top_k, rank=rank, alpha=alpha,
                       dropout=dropout, modules=modules, load_balancing=load_balancing, epochs=epochs, lr=lr,
-                      batch_size=batch_size, micro_batch_size=micro_batch_size, warmup=warmup, cutoff=cutoff,
+                      batch_size=batch_size, micro_batch_size=micro_batch_size, max_memory=max_memory,
+                      warmup=warmup, cutoff=cutoff,
                       train_on_inputs=train_on_inputs, n_train=n_train, seed=seed, dtype=dtype, device=device,
                       quiet=quiet, overwrite=overwrite)
     log, result, n_layers = job.run()

@@ -178,3 +178,24 @@ def test_alphalora_from_a_model():
     allocation = allocate_experts("alphalora", budget=20, alphas=alphas)
     _check(allocation.counts, 20, 4)
     assert allocation.scores == pytest.approx(alphas.tolist())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_depth_and_random_controls(seed):
+    """random: the LayerIF counts permuted (sum T); depth: the LayerIF rule on the layer index, monotone."""
+    rng = np.random.default_rng(seed)
+    n_layers, budget = 30, 150
+    scores = rng.gamma(2.0, 1.0, n_layers)
+    reference = allocate_experts("layerif", n_layers, budget, scores=scores, beta=2.5)
+    shuffled = allocate_experts("random", n_layers, budget, scores=scores, beta=2.5, seed=seed)
+    _check(shuffled.counts, budget, n_layers)
+    order = shuffled.arguments["placement"]
+    assert sorted(order) == list(range(n_layers))
+    assert shuffled.counts == [reference.counts[i] for i in order]
+    assert shuffled.top_k == top_k_for(shuffled.counts)
+    depth = allocate_experts("depth", n_layers, budget, beta=2.5)
+    _check(depth.counts, budget, n_layers)
+    assert np.all(np.diff(depth.counts) >= 0) and depth.counts[-1] > depth.counts[0]
+    assert depth.counts == layerif_counts(np.arange(n_layers), budget, 2.5).tolist()
+    with pytest.raises(LayerIFError, match="scores"):
+        allocate_experts("random", n_layers, budget)

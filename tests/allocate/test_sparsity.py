@@ -185,3 +185,29 @@ def test_allocate_from_scores_uses_scored_parameters():
     s = scores.scores("S_pos")
     smoothed = savgol_filter((s - s.min()) / (s.max() - s.min()), 7, 3)
     np.testing.assert_allclose(plan.metric, smoothed, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparsity,epsilon", [(0.5, 0.1), (0.7, 0.3), (0.9, 0.6)])
+def test_controls_keep_the_target_and_the_layerif_map(sparsity, epsilon):
+    """depth: the LayerIF map applied to the block index; random: the LayerIF ratios permuted (equal blocks)."""
+    from layerif.allocate.sparsity import placement
+
+    for seed in range(5):
+        scores, params = random_case(seed, equal=True)
+        layerif = block_ratios("layerif", sparsity, params, scores=scores, epsilon=epsilon)[0]
+        shuffled = block_ratios("random", sparsity, params, scores=scores, epsilon=epsilon, seed=seed)[0]
+        np.testing.assert_allclose(shuffled, layerif[placement(N_BLOCKS, seed)], rtol=0, atol=1e-12)
+        assert abs(weighted_mean(shuffled, params) - sparsity) < 1e-9
+        depth, name, processed, _ = block_ratios("depth", sparsity, params, epsilon=epsilon)
+        assert name == "block_index_processed"
+        np.testing.assert_allclose(processed, np.linspace(0, 1, N_BLOCKS), atol=1e-12)  # smoothing: no-op on a line
+        assert abs(weighted_mean(depth, params) - sparsity) < 1e-9 and np.all(np.diff(depth) >= 0)
+        expected = linear_map_ratios(np.arange(N_BLOCKS), params, sparsity, epsilon)[0]
+        np.testing.assert_allclose(depth, expected, atol=1e-12)
+        # unequal blocks: random still meets the target exactly (the input is permuted, then mapped)
+        scores, unequal = random_case(seed)
+        shuffled = block_ratios("random", sparsity, unequal, scores=scores, epsilon=epsilon, seed=seed)[0]
+        assert abs(weighted_mean(shuffled, unequal) - sparsity) < 1e-9
+    assert not np.array_equal(placement(N_BLOCKS, 0), placement(N_BLOCKS, 1))
+    with pytest.raises(LayerIFError, match="scores"):
+        block_ratios("random", 0.5, np.full(N_BLOCKS, 10))

@@ -61,6 +61,10 @@ def test_lm_eval_matches_direct_log_likelihood(tmp_path):
         assert entry["acc"] == pytest.approx(acc)
         assert entry["acc_norm"] == pytest.approx(acc_norm)
         assert entry["acc_stderr"] == pytest.approx((acc * (1 - acc) / (n - 1)) ** 0.5)
+        # per-row correctness in row order, consistent with the direct computation row by row
+        assert len(entry["correct"]) == n and set(entry["correct"]) <= {0, 1}
+        assert [direct_accuracy(model, tokenizer, [doc])[0] for doc in docs] == entry["correct"]
+        assert sum(entry["correct_norm"]) / n == pytest.approx(acc_norm)
     assert result["mean_acc"] == pytest.approx((result["tasks"]["mc"]["acc"] + result["tasks"]["yesno"]["acc"]) / 2)
 
 

@@ -92,3 +92,20 @@ def test_train_and_evaluate_commands(tmp_path, capsys):
                          str(_scores(tmp_path / "scores6", n_layers=6)), "--budget", "10", "--out",
                          str(tmp_path / "bad"), "--quiet"], capsys)
     assert code == 2 and "layers" in err
+
+
+def test_allocate_experts_controls_command(tmp_path, capsys):
+    scores = _scores(tmp_path / "scores", n_layers=6)
+    counts = {}
+    for allocation, extra in (("layerif", []), ("depth", []), ("random", ["--seed", "1"]),
+                              ("random", ["--seed", "2"])):
+        out = tmp_path / f"{allocation}{''.join(extra)}"
+        code, _, _ = _run(["allocate", "experts", "--scores", str(scores), "--budget", "30", "--allocation",
+                           allocation, "--out", str(out), *extra], capsys)
+        assert code in (0, None)
+        counts[allocation + "".join(extra)] = json.loads((out / "experts.json").read_text())["counts"]
+    assert all(sum(c) == 30 and min(c) >= 1 for c in counts.values())
+    assert all(b >= a for a, b in zip(counts["depth"], counts["depth"][1:])) and counts["depth"][-1] > counts["depth"][0]
+    for seed in ("1", "2"):
+        assert sorted(counts[f"random--seed{seed}"]) == sorted(counts["layerif"])
+    assert counts["random--seed1"] != counts["random--seed2"]

@@ -106,3 +106,47 @@ def test_evaluate_task_without_choices_exits_2(setup, capsys):
     err = capsys.readouterr().err.strip()
     assert "no choices" in err and "\n" not in err
     assert not (setup / "ev_bad" / "eval.json").exists()
+
+
+def _weighted_mean(ratios: dict) -> float:
+    weights = np.asarray(ratios["block_params"], dtype=np.float64)
+    return float(np.dot(weights, ratios["block_ratios"]) / weights.sum())
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_prune_depth_and_random_controls(setup, sparsity):
+    """Controls through `layerif prune`: exact mean, random = permuted layerif ratios, depth rises with depth."""
+    def prune(allocation, *extra):
+        out = setup / f"control_{allocation}_{sparsity}_{'_'.join(extra)}"
+        assert run_cli(*prune_args(setup, out, "--method", "wanda", "--allocation", allocation, "--scores",
+                                   str(setup / "scores"), "--sparsity", str(sparsity), "--epsilon", "0.2",
+                                   *extra)) == 0
+        return json.loads((out / "ratios.json").read_text())
+
+    reference = prune("layerif")
+    depth = prune("depth")
+    assert depth["allocation"] == "depth"
+    assert abs(_weighted_mean(depth) - sparsity) < 1e-9
+    assert np.all(np.diff(depth["block_ratios"]) > 0)  # strictly deeper ⇒ more pruning
+    orders = set()
+    for seed in range(4):
+        shuffled = prune("random", "--seed", str(seed))
+        assert shuffled["allocation"] == "random" and shuffled["arguments"]["placement"]
+        assert abs(_weighted_mean(shuffled) - sparsity) < 1e-9
+        placement = shuffled["arguments"]["placement"]
+        np.testing.assert_allclose(shuffled["block_ratios"], np.asarray(reference["block_ratios"])[placement],
+                                   rtol=0, atol=1e-12)
+        orders.add(tuple(placement))
+    assert len(orders) > 1  # the seed moves the placement
+
+
+def test_allocate_sparsity_controls_without_model(setup):
+    out = setup / "alloc_depth"
+    assert run_cli("allocate", "sparsity", "--scores", str(setup / "scores"), "--sparsity", "0.6", "--allocation",
+                   "depth", "--out", str(out), "--quiet") == 0
+    data = json.loads((out / "ratios.json").read_text())
+    assert abs(_weighted_mean(data) - 0.6) < 1e-9 and np.all(np.diff(data["block_ratios"]) > 0)
+    assert run_cli("allocate", "sparsity", "--scores", str(setup / "scores"), "--sparsity", "0.6", "--allocation",
+                   "random", "--seed", "3", "--out", str(out), "--quiet") == 0
+    data = json.loads((out / "ratios.json").read_text())
+    assert data["allocation"] == "random" and data["arguments"]["seed"] == 3

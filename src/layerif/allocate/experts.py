@@ -1,4 +1,9 @@
-"""Per-layer LoRA expert counts: LayerIF, AlphaLoRA, MoLA shapes, uniform, reversed, or an explicit list."""
+"""Per-layer LoRA expert counts: LayerIF, its controls, AlphaLoRA, MoLA shapes, uniform, or an explicit list.
+
+Controls (DESIGN §7) use the LayerIF map itself: `depth` takes the layer index 0..L-1 as the score (s^β shares,
+so layer 0 keeps the minimum of one expert and the spread is set by β alone); `random` is the LayerIF counts
+permuted across layers by a seeded permutation (same counts, random placement); `reversed` mirrors the scores.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from layerif.errors import LayerIFError
 from layerif.io import atomic_write_json
 
 MOLA_SHAPES = {"mola-2468": (2, 4, 6, 8), "mola-8642": (8, 6, 4, 2), "mola-5555": (5, 5, 5, 5)}
-METHODS = ("layerif", "reversed", "uniform", "alphalora", *MOLA_SHAPES)
+METHODS = ("layerif", "reversed", "uniform", "alphalora", "depth", "random", *MOLA_SHAPES)
+NEEDS_SCORES = ("layerif", "reversed", "random")
 
 
 @dataclass
@@ -206,8 +212,11 @@ def allocate_experts(
     top_k: int | None = None,
     alphas=None,
     arguments: dict | None = None,
+    seed: int = 0,
 ) -> ExpertAllocation:
-    """Expert counts per layer by `method` (a name in METHODS or a comma list of counts)."""
+    """Expert counts per layer by `method` (a name in METHODS or a comma list of counts); `seed` places `random`."""
+    from layerif.allocate.sparsity import placement
+
     arguments = dict(arguments or {})
     arguments.update({"beta": beta, "budget": budget, "top_k": top_k})
     if method not in METHODS:
@@ -217,7 +226,7 @@ def allocate_experts(
         if budget is not None and sum(counts) != budget:
             raise LayerIFError(f"--allocation sums to {sum(counts)} experts but --budget is {budget}")
         return ExpertAllocation("explicit", counts, top_k_for(counts, top_k), None, arguments)
-    if method in ("layerif", "reversed"):
+    if method in NEEDS_SCORES:
         if scores is None:
             raise LayerIFError(f"--allocation {method} needs layer scores (--scores)")
         values = _check_scores(scores)
@@ -229,6 +238,10 @@ def allocate_experts(
         counts = layerif_counts(used, budget, beta)
         if values.min() < 0:
             arguments["note"] = "negative scores were shifted by -min before s^beta"
+        if method == "random":
+            order = placement(len(values), seed)
+            counts, used = counts[order], used[order]
+            arguments.update(seed=seed, placement=order.tolist())
         return ExpertAllocation(method, counts.tolist(), top_k_for(counts, top_k), used.tolist(), arguments)
     if n_layers is None:
         n_layers = len(alphas) if alphas is not None else (len(scores) if scores is not None else None)
@@ -236,6 +249,12 @@ def allocate_experts(
         raise LayerIFError(f"--allocation {method} needs the number of layers")
     if budget is None:
         raise LayerIFError("--budget is required")
+    if method == "depth":
+        from layerif.allocate.sparsity import depth_scores
+
+        used = depth_scores(n_layers)
+        counts = layerif_counts(used, budget, beta)
+        return ExpertAllocation(method, counts.tolist(), top_k_for(counts, top_k), used.tolist(), arguments)
     if method == "uniform":
         return ExpertAllocation(method, (c := uniform_counts(n_layers, budget)).tolist(), top_k_for(c, top_k), None,
                                 arguments)

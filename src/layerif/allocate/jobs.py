@@ -42,13 +42,14 @@ def expert_allocation(
     n_layers: int | None = None,
     model=None,
     alpha_modules: str = "all",
+    seed: int = 0,
 ):
     """Expert counts for `method`, reading layer scores from a `layerif score` run folder when needed."""
     from layerif.allocate.experts import METHODS, allocate_experts, model_alphas
 
     scores = None
     arguments: dict = {"allocation": method, "score": score}
-    if method in ("layerif", "reversed"):
+    if method in ("layerif", "reversed", "random"):
         if scores_dir is None:
             raise LayerIFError(f"--allocation {method} needs --scores (a folder written by `layerif score`)")
         from layerif.scores import LayerScores
@@ -63,7 +64,7 @@ def expert_allocation(
     if n_layers is None and scores is None and alphas is None and method in METHODS:
         raise LayerIFError(f"--allocation {method} needs the number of layers (give --scores or the model)")
     return allocate_experts(method, n_layers=n_layers, budget=budget, scores=scores, beta=beta, top_k=top_k,
-                            alphas=alphas, arguments=arguments)
+                            alphas=alphas, arguments=arguments, seed=seed)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class SparsityJob:
     out: str | None = None
     overwrite: bool = False
     quiet: bool = False
+    seed: int = 0
 
     def output_folder(self) -> OutputFolder:
         """--out, else the --scores folder (ratios.json is added beside the scores)."""
@@ -94,16 +96,17 @@ class SparsityJob:
 
     def validate(self) -> OutputFolder:
         """Check the arguments before loading anything; the checked output folder."""
-        from layerif.allocate.sparsity import ALLOCATIONS, check_epsilon, check_sparsity
+        from layerif.allocate.sparsity import ALLOCATIONS, NEEDS_SCORES, check_epsilon, check_sparsity
 
         check_sparsity(self.sparsity)
         check_epsilon(self.epsilon)
         check_aggregation(self.score)
         if self.allocation not in ALLOCATIONS:
             raise LayerIFError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-        if self.model is None and self.allocation not in ("layerif", "reversed"):
+        if self.model is None and self.allocation not in (*NEEDS_SCORES, "depth"):
             raise LayerIFError(f"--allocation {self.allocation} needs --model")
-        if self.allocation in ("layerif", "reversed") and self.scores is None:
+        if (self.allocation in NEEDS_SCORES or (self.allocation == "depth" and self.model is None)) \
+                and self.scores is None:
             raise LayerIFError(f"--allocation {self.allocation} needs --scores")
         if self.allocation == "owl" and self.calib is None:
             raise LayerIFError("--allocation owl needs --calib")
@@ -129,7 +132,7 @@ class SparsityJob:
         with folder:
             if self.model is None:
                 plan = allocate_from_scores(loaded_scores, self.sparsity, self.epsilon, self.score, self.smooth,
-                                            self.allocation == "reversed")
+                                            allocation=self.allocation, seed=self.seed)
             else:
                 from layerif.calibration import calibration_ids, default_length
                 from layerif.models import load_model
@@ -141,7 +144,7 @@ class SparsityJob:
                                                 self.calib_length or default_length(loaded.model))
                 plan = allocate_sparsity(loaded.model, self.allocation, self.sparsity, scores=loaded_scores,
                                          score_name=self.score, epsilon=self.epsilon, smooth_scores=self.smooth,
-                                         calib_ids=calib_ids, quiet=self.quiet)
+                                         calib_ids=calib_ids, quiet=self.quiet, seed=self.seed)
             plan.save(folder.staging / "ratios.json")
             folder.publish()
         return plan, folder.out / "ratios.json"
@@ -161,6 +164,7 @@ class ExpertsJob:
     model: str | None = None
     out: str | None = None
     overwrite: bool = False
+    seed: int = 0
 
     def output_folder(self) -> OutputFolder | None:
         """--out (None: the counts are only printed)."""
@@ -188,12 +192,12 @@ class ExpertsJob:
     def allocate(self, model=None):
         """The expert allocation (model: the loaded model for alphalora)."""
         layers = self.layers
-        if layers is None and self.scores is not None and self.allocation not in ("layerif", "reversed"):
+        if layers is None and self.scores is not None and self.allocation not in ("layerif", "reversed", "random"):
             from layerif.scores import LayerScores
 
             layers = LayerScores.load(self.scores).n_layers
         return expert_allocation(self.allocation, self.budget, self.beta, self.top_k, scores_dir=self.scores,
-                                 score=self.score, n_layers=layers, model=model)
+                                 score=self.score, n_layers=layers, model=model, seed=self.seed)
 
     def run(self):
         """Allocate, and publish experts.json when --out is given -> (ExpertAllocation, its path or None)."""

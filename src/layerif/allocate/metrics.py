@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -12,7 +14,16 @@ from layerif.errors import LayerIFError
 # Eigenvalues at or below this are treated as zeros (numerical noise of rank-deficient matrices).
 EIG_THRESHOLD = 1e-5
 HIST_BINS = 100
-PEAK_WINDOW = (0.95, 1.5)  # xmin candidates: eigenvalues within [0.95, 1.5] x the histogram peak
+
+
+def xmin_bounds(peak: float) -> tuple[float, float]:
+    """Range of xmin candidates around the ESD peak, as WeightWatcher's and AlphaPruning's `xmin_peak` compute it.
+
+    Both references write the lower bound as log10(0.95 · peak) and compare it with eigenvalues in linear units,
+    so it is a much lower bound than 0.95 · peak (no bound at all whenever peak < 1/0.95). We keep that
+    arithmetic on purpose: PL_Alpha_Hill values, and the AlphaPruning allocation tuned on them, are those fits.
+    """
+    return math.log10(0.95 * peak), 1.5 * peak
 
 
 def esd(weight: torch.Tensor) -> torch.Tensor:
@@ -23,12 +34,15 @@ def esd(weight: torch.Tensor) -> torch.Tensor:
     return torch.sort(singular.double() ** 2).values
 
 
-def hill_fit(eigs: torch.Tensor, window: tuple[float, float] = PEAK_WINDOW) -> tuple[float, float, float]:
+def hill_fit(eigs: torch.Tensor, weightwatcher: bool = False) -> tuple[float, float, float]:
     """Power-law fit of an ascending spectrum with the `xmin_peak` rule -> (alpha, xmin, KS distance).
 
     For each candidate xmin = λ_i the Hill estimator gives α_i = 1 + n_i / Σ_{j≥i} log(λ_j / λ_i); the
     candidate whose fitted Pareto CDF is closest (Kolmogorov-Smirnov) to the empirical tail wins. Candidates
-    are the eigenvalues within `window` times the peak of the log10-histogram of the spectrum.
+    are the eigenvalues inside `xmin_bounds` of the peak of the log10-histogram of the spectrum (all of them
+    if none is: a degenerate spectrum, where the references return no fit). This is the AlphaPruning code's fit;
+    `weightwatcher=True` gives WeightWatcher's instead, whose `powerlaw` package drops the largest candidate
+    inside the range (it means to drop the largest eigenvalue, but applies that after the range filter).
     """
     eigs = eigs.double()
     eigs = eigs[eigs > EIG_THRESHOLD] if (eigs > EIG_THRESHOLD).sum() >= 2 else eigs[eigs > 0]
@@ -41,9 +55,12 @@ def hill_fit(eigs: torch.Tensor, window: tuple[float, float] = PEAK_WINDOW) -> t
     counts = torch.histc(log10_eigs, bins=HIST_BINS, min=low, max=high)
     peak = 10 ** (low + (high - low) * int(torch.argmax(counts)) / HIST_BINS)  # left edge of the fullest bin
     candidates = torch.arange(n_eigs - 1)  # the largest eigenvalue cannot start a tail of length >= 2
-    in_window = (eigs[:-1] >= window[0] * peak) & (eigs[:-1] <= window[1] * peak)
+    lower, upper = xmin_bounds(peak)
+    in_window = (eigs[:-1] >= lower) & (eigs[:-1] <= upper)
     if in_window.any():
         candidates = candidates[in_window]
+        if weightwatcher and len(candidates) > 1:
+            candidates = candidates[:-1]
 
     # Hill estimates for every candidate at once via suffix sums of the log-eigenvalues.
     suffix = torch.flip(torch.cumsum(torch.flip(log_eigs, [0]), 0), [0])  # suffix[i] = Σ_{j≥i} log λ_j

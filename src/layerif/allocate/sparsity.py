@@ -1,4 +1,10 @@
-"""Per-block pruning ratios: LayerIF, reversed LayerIF, uniform, OWL, AlphaPruning, or a given list (DESIGN §5)."""
+"""Per-block pruning ratios: LayerIF, its controls (reversed, depth, random), uniform, OWL, AlphaPruning, or a list.
+
+The controls of DESIGN §7 go through the LayerIF map itself, so only the per-block input differs:
+`depth` feeds the block index 0..L-1 (min-max normalised, smoothed — a no-op on a straight line — and mapped
+with the same ε); `random` feeds the LayerIF input permuted across blocks by a seeded permutation, so its ratios
+are the LayerIF ratios permuted whenever the blocks have equal sizes (and still meet the target exactly when not).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ from layerif.errors import LayerIFError
 from layerif.io import atomic_write_json
 from layerif.scores import AGGREGATIONS, minmax, smooth
 
-ALLOCATIONS = ("layerif", "uniform", "owl", "alphapruning", "reversed")
+ALLOCATIONS = ("layerif", "uniform", "owl", "alphapruning", "reversed", "depth", "random")
+NEEDS_SCORES = ("layerif", "reversed", "random")
 MAX_RATIO = 0.99
 TOLERANCE = 1e-9
 
@@ -108,13 +115,28 @@ def smoothed_scores(scores, smooth_scores: bool = True, window: int = 7, order: 
     return smooth(normalised, window, order) if smooth_scores else normalised
 
 
+def placement(n_blocks: int, seed: int) -> np.ndarray:
+    """The seeded permutation of the `random` control: block l takes the input of block placement[l]."""
+    return np.random.default_rng(seed).permutation(n_blocks)
+
+
+def depth_scores(n_blocks: int) -> np.ndarray:
+    """The data-free `depth` input: the block index 0..L-1."""
+    return np.arange(n_blocks, dtype=np.float64)
+
+
 def layerif_ratios(scores, block_params, sparsity: float, epsilon: float = 0.3, smooth_scores: bool = True,
-                   reverse: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """LayerIF ratios (higher score ⇒ more pruning); `reverse` mirrors the scores -> (ratios, unclipped, s̃)."""
+                   reverse: bool = False, permutation=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LayerIF ratios (higher score ⇒ more pruning) -> (ratios, unclipped, s̃).
+
+    `reverse` mirrors the processed scores; `permutation` places block permutation[l]'s input on block l.
+    """
     processed = smoothed_scores(scores, smooth_scores)
     if reverse:
         # s ↦ max + min − s; the linear map is invariant to the shift, so this mirrors the ratio profile
         processed = processed.max() + processed.min() - processed
+    if permutation is not None:
+        processed = processed[np.asarray(permutation)]
     ratios, unclipped = linear_map_ratios(processed, block_params, sparsity, epsilon)
     return ratios, unclipped, processed
 
@@ -237,20 +259,29 @@ def block_ratios(
     alpha=None,
     outlier=None,
     owl_lambda: float = 0.08,
+    seed: int = 0,
 ) -> tuple[np.ndarray, str | None, np.ndarray | None, np.ndarray | None]:
-    """Ratios for one allocation from precomputed per-block inputs -> (ratios, metric name, metric, unclipped)."""
+    """Ratios for one allocation from precomputed per-block inputs -> (ratios, metric name, metric, unclipped).
+
+    `seed` picks the permutation of the `random` control.
+    """
     n_blocks = len(_weights(block_params))
     check_sparsity(sparsity)
     check_epsilon(epsilon)
-    if allocation in ("layerif", "reversed"):
+    if allocation in NEEDS_SCORES:
         if scores is None:
             raise LayerIFError(f"the {allocation} allocation needs layer scores (--scores)")
         scores = np.asarray(scores, dtype=np.float64)
         if len(scores) != n_blocks:
             raise LayerIFError(f"the layer scores cover {len(scores)} blocks but the model has {n_blocks}")
-        ratios, unclipped, processed = layerif_ratios(scores, block_params, sparsity, epsilon, smooth_scores,
-                                                      reverse=allocation == "reversed")
+        ratios, unclipped, processed = layerif_ratios(
+            scores, block_params, sparsity, epsilon, smooth_scores, reverse=allocation == "reversed",
+            permutation=placement(n_blocks, seed) if allocation == "random" else None)
         return ratios, "layer_score_processed", processed, unclipped
+    if allocation == "depth":
+        ratios, unclipped, processed = layerif_ratios(depth_scores(n_blocks), block_params, sparsity, epsilon,
+                                                      smooth_scores)
+        return ratios, "block_index_processed", processed, unclipped
     if allocation == "alphapruning":
         if alpha is None:
             raise LayerIFError("the alphapruning allocation needs PL_Alpha_Hill values")
@@ -277,21 +308,27 @@ def allocate_from_scores(
     score_name: str = "S_pos",
     smooth_scores: bool = True,
     reverse: bool = False,
+    allocation: str | None = None,
+    seed: int = 0,
 ) -> SparsityAllocation:
-    """LayerIF (or reversed) allocation from a LayerScores alone, weighting blocks by its scored parameters."""
+    """LayerIF (or a control: reversed, depth, random) from a LayerScores alone, weighting blocks by its parameters."""
     if score_name not in AGGREGATIONS:
         raise LayerIFError(f"unknown score {score_name!r}; choose from {', '.join(AGGREGATIONS)}")
+    allocation = allocation or ("reversed" if reverse else "layerif")
+    if allocation not in (*NEEDS_SCORES, "depth"):
+        raise LayerIFError(f"--allocation {allocation} needs --model")
     block_params = [int(n) for n in scores.n_params]
     if len(block_params) != scores.n_layers:
         raise LayerIFError("the layer scores record parameters for a different number of blocks than they score")
-    allocation = "reversed" if reverse else "layerif"
     ratios, metric_name, metric, unclipped = block_ratios(
         allocation, sparsity, block_params, scores=scores.scores(score_name), epsilon=epsilon,
-        smooth_scores=smooth_scores)
+        smooth_scores=smooth_scores, seed=seed)
     matrix_ratios = {f"blocks.{layer}.{name}": float(ratios[layer])
                      for layer in range(scores.n_layers) for name in scores.module_names}
     arguments = {"sparsity": sparsity, "epsilon": epsilon, "score": score_name, "smooth": smooth_scores,
                  "smoothing": "savgol(7, 3)" if smooth_scores else None, "block_params_from": "scores"}
+    if allocation == "random":
+        arguments.update(seed=seed, placement=placement(len(block_params), seed).tolist())
     return SparsityAllocation(allocation, sparsity, ratios, block_params, matrix_ratios, metric_name,
                               list(metric), list(unclipped), arguments)
 
@@ -313,10 +350,12 @@ def allocate_sparsity(
     alpha=None,
     outlier=None,
     quiet: bool = True,
+    seed: int = 0,
 ) -> SparsityAllocation:
     """Per-block and per-matrix ratios for `model` (`scores`: LayerScores or an array; `calib_ids` for OWL).
 
-    `alpha` / `outlier` take precomputed PL_Alpha_Hill / OWL values per block (they are computed when absent).
+    `alpha` / `outlier` take precomputed PL_Alpha_Hill / OWL values per block (they are computed when absent);
+    `seed` picks the placement of the `random` control.
     """
     from layerif.models import find_blocks, select_matrices
 
@@ -334,10 +373,14 @@ def allocate_sparsity(
         name = "file"
     else:
         name = allocation
-        if allocation in ("layerif", "reversed") and scores is not None:
+        if allocation in NEEDS_SCORES and scores is not None:
             score_values = scores.scores(score_name) if hasattr(scores, "scores") else np.asarray(scores)
             arguments.update(epsilon=epsilon, score=score_name, smooth=smooth_scores,
                              smoothing="savgol(7, 3)" if smooth_scores else None)
+            if allocation == "random":
+                arguments.update(seed=seed, placement=placement(len(per_block), seed).tolist())
+        elif allocation == "depth":
+            arguments.update(epsilon=epsilon, smooth=smooth_scores, smoothing="savgol(7, 3)" if smooth_scores else None)
         elif allocation == "alphapruning":
             from layerif.allocate.metrics import block_alpha_hill
 
@@ -357,7 +400,7 @@ def allocate_sparsity(
             arguments.update(owl_m=owl_m, owl_lambda=owl_lambda)
         ratios, metric_name, metric, unclipped = block_ratios(
             allocation, sparsity, block_params, scores=score_values, epsilon=epsilon,
-            smooth_scores=smooth_scores, alpha=alpha, outlier=outlier, owl_lambda=owl_lambda)
+            smooth_scores=smooth_scores, alpha=alpha, outlier=outlier, owl_lambda=owl_lambda, seed=seed)
     path, _ = find_blocks(model)
     matrix_ratios = {f"{path}.{ref.layer}.{ref.name}": float(ratios[ref.layer]) for refs in per_block for ref in refs}
     return SparsityAllocation(name, float(sparsity), ratios, block_params, matrix_ratios, metric_name,

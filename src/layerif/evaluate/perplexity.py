@@ -23,10 +23,9 @@ def perplexity(
     """exp(mean next-token NLL) over the first `max_windows` non-overlapping windows of `length` tokens.
 
     The text is the file's lines joined by blank lines; every window is scored on its own (its first token
-    has no context), as in the SparseGPT and Wanda evaluations.
+    has no context), as in the SparseGPT and Wanda evaluations. `window_nll` holds each window's summed NLL
+    and `window_tokens` its scored tokens, the per-item results that paired statistics resample.
     """
-    from tqdm.auto import tqdm
-
     from layerif.calibration import default_length, read_text, tokenize_text
 
     length = length or default_length(model)
@@ -41,16 +40,24 @@ def perplexity(
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * length].view(n_windows, length)
+    per_window = window_nll(model, windows, batch_size, quiet)
+    n_tokens = n_windows * (length - 1)
+    mean_nll = float(per_window.sum()) / n_tokens
+    return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "windows": n_windows, "length": length,
+            "tokens_scored": n_tokens, "source": str(source), "window_nll": per_window.tolist(),
+            "window_tokens": [length - 1] * n_windows}
+
+
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, quiet: bool = True) -> torch.Tensor:
+    """Summed next-token NLL of each row of `windows` [n, length], each scored on its own -> float64 [n]."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
-    total_nll = torch.zeros((), dtype=torch.float64)
+    sums = []
     with torch.no_grad():
         for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=quiet, unit="batch"):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                              reduction="sum")
-            total_nll += nll.double().cpu()
-    n_tokens = n_windows * (length - 1)
-    mean_nll = float(total_nll) / n_tokens
-    return {"perplexity": math.exp(mean_nll), "mean_nll": mean_nll, "windows": n_windows, "length": length,
-            "tokens_scored": n_tokens, "source": str(source)}
+            nll = nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            sums.append(nll.double().sum(dim=1).cpu())
+    return torch.cat(sums)

@@ -128,7 +128,10 @@ def zeroshot_accuracy(
     batch_size: int = 16,
     quiet: bool = False,
 ) -> dict:
-    """Accuracy (and length-normalised accuracy) per task with standard errors and n, plus the mean accuracy."""
+    """Accuracy (and length-normalised accuracy) per task with standard errors and n, plus the mean accuracy.
+
+    Each task also lists `correct` and `correct_norm`: per-row 0/1 correctness in row order (for paired statistics).
+    """
     import logging
 
     from lm_eval import evaluator
@@ -148,13 +151,16 @@ def zeroshot_accuracy(
         device = next(model.parameters()).device
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
         task_dict = {name: _lm_eval_task(name, task_docs) for name, task_docs in docs.items()}
-        output = evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=1000, log_samples=False,
+        output = evaluator.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=1000, log_samples=True,
                                     verbosity="ERROR" if quiet else "INFO")
     finally:
         logging.getLogger("lm_eval").setLevel(level)
     results = {}
     for name, path in resolved:
         metrics = output["results"][name]
+        samples = sorted(output["samples"][name], key=lambda sample: sample["doc_id"])
+        if [sample["doc_id"] for sample in samples] != list(range(len(docs[name]))):
+            raise RuntimeError(f"lm-eval returned samples that do not cover the rows of {name} once each")
         results[name] = {
             "acc": float(metrics["acc,none"]),
             "acc_stderr": float(metrics["acc_stderr,none"]),
@@ -162,6 +168,8 @@ def zeroshot_accuracy(
             "acc_norm_stderr": float(metrics["acc_norm_stderr,none"]),
             "n": len(docs[name]),
             "file": str(path),
+            "correct": [int(sample["acc"]) for sample in samples],
+            "correct_norm": [int(sample["acc_norm"]) for sample in samples],
         }
     accs = [entry["acc"] for entry in results.values()]
     # stderr of the mean of independent task accuracies

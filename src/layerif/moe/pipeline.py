@@ -70,7 +70,8 @@ class MoETrainJob:
     epochs: float = 3.0
     lr: float = 3e-4
     batch_size: int = 16
-    micro_batch_size: int = 4
+    micro_batch_size: int | None = None
+    max_memory: str | None = None
     warmup: float | None = None
     cutoff: int = 256
     train_on_inputs: bool = True
@@ -85,7 +86,8 @@ class MoETrainJob:
         """The training settings (checked)."""
         warmup = None if self.warmup is None else (int(self.warmup) if self.warmup >= 1 else self.warmup)
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                           micro_batch_size=self.micro_batch_size, warmup=warmup, cutoff=self.cutoff,
+                           micro_batch_size=self.micro_batch_size, max_memory=self.max_memory, warmup=warmup,
+                           cutoff=self.cutoff,
                            train_on_inputs=self.train_on_inputs, seed=self.seed)
 
     def validate(self) -> OutputFolder:
@@ -110,6 +112,12 @@ class MoETrainJob:
             raise LayerIFError(f"--n-train must be >= 1, got {self.n_train}")
         if self.seed < 0:
             raise LayerIFError(f"--seed must be >= 0, got {self.seed}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise LayerIFError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if self.max_memory is not None:
+            from layerif.api import parse_bytes
+
+            parse_bytes(self.max_memory)
         MoEConfig(counts=[1], top_k=[1], rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                   modules=self.modules, load_balancing=self.load_balancing)  # its own checks (modules, ...)
         self.train_config()
@@ -137,7 +145,7 @@ class MoETrainJob:
             n_layers = len(find_blocks(loaded.model)[1])
             allocation = expert_allocation(self.allocation, self.budget, self.beta, self.top_k,
                                            scores_dir=self.scores, score=self.score, n_layers=n_layers,
-                                           model=loaded.model)
+                                           model=loaded.model, seed=self.seed)
             moe_options = {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
                            "modules": self.modules, "load_balancing": self.load_balancing}
             log = train_adapter(loaded, rows, allocation, folder.staging, moe_options, train_config,

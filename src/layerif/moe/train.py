@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -20,10 +21,17 @@ class TrainConfig:
     """Training settings; the defaults are the paper's (3 epochs, lr 3e-4, AdamW, cutoff 256, warm-up 100)."""
 
     epochs: float = field(default=3.0, metadata={"help": "passes over the training rows (fractions allowed)"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs when given"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=16, metadata={"help": "effective batch (micro-batch × accumulation)"})
-    micro_batch_size: int = field(default=4, metadata={"help": "rows per forward pass"})
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "rows per forward pass; None: the largest divisor of batch_size that fits max_memory"},
+    )
+    max_memory: int | str | None = field(
+        default=None, metadata={"help": "activation memory budget of one micro-batch (e.g. 4GiB); None: half the free memory"}
+    )
     warmup: int | float | None = field(
         default=None, metadata={"help": "warm-up steps (int) or fraction of steps (float); None: min(100, 10 %)"}
     )
@@ -38,20 +46,87 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise LayerIFError(f"--epochs must be > 0, got {self.epochs}")
+        if self.steps is not None and self.steps < 1:
+            raise LayerIFError(f"--steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
             raise LayerIFError(f"--lr must be > 0, got {self.lr}")
-        if self.micro_batch_size < 1 or self.batch_size < 1:
+        if self.batch_size < 1 or (self.micro_batch_size is not None and self.micro_batch_size < 1):
             raise LayerIFError("batch sizes must be >= 1")
-        if self.batch_size % self.micro_batch_size:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise LayerIFError(
                 f"--batch-size ({self.batch_size}) must be a multiple of --micro-batch-size ({self.micro_batch_size})"
             )
         if self.cutoff < 2:
             raise LayerIFError(f"--cutoff must be >= 2, got {self.cutoff}")
 
-    @property
-    def accumulation(self) -> int:
-        return self.batch_size // self.micro_batch_size
+
+# Backward holds, besides the saved activations, gradient buffers of about their size (the logits' gradient
+# above all) and the allocator fragments: budget twice the measured saved bytes.
+BACKWARD_FACTOR = 2.0
+
+
+def activation_bytes_per_token(model: nn.Module, item: dict, pad_id: int) -> float:
+    """Bytes the autograd graph keeps per token of a training forward, measured on one row (`item`).
+
+    Counts every tensor saved for backward (once per storage), leaving out the parameters, which exist anyway.
+    Random state is restored afterwards, so the probe does not change training.
+    """
+    device = next(model.parameters()).device
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch = {key: value.to(device) for key, value in _collate([item], pad_id).items()}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            set_token_mask(model, batch["attention_mask"].bool())
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                               batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+            del logits, loss
+    finally:
+        set_token_mask(model, None)
+        model.train(was_training)
+    return sum(saved.values()) / batch["input_ids"].numel()
+
+
+def memory_budget(max_memory: int | str | None) -> int:
+    """Activation budget in bytes: the given size, or half of the memory available now."""
+    if max_memory is not None:
+        from layerif.api import parse_bytes
+
+        return int(parse_bytes(max_memory))
+    import psutil
+
+    return int(psutil.virtual_memory().available // 2)
+
+
+def fit_micro_batch(batch_size: int, bytes_per_row: float, budget: float) -> int:
+    """The largest divisor of `batch_size` whose rows fit `budget` (at least 1: a row is the smallest unit)."""
+    fitting = [d for d in range(1, batch_size + 1) if batch_size % d == 0 and d * bytes_per_row <= budget]
+    return max(fitting, default=1)
+
+
+def plan_micro_batch(model: nn.Module, items: list[dict], config: TrainConfig, pad_id: int) -> tuple[int, dict]:
+    """Micro-batch size for training: the configured one, or the largest that fits the memory budget."""
+    if config.micro_batch_size is not None:
+        return config.micro_batch_size, {"micro_batch_size": config.micro_batch_size, "chosen": "given"}
+    longest = max(items, key=lambda item: len(item["input_ids"]))
+    per_token = activation_bytes_per_token(model, longest, pad_id)
+    per_row = BACKWARD_FACTOR * per_token * len(longest["input_ids"])  # rows are padded to the longest
+    budget = memory_budget(config.max_memory)
+    micro = fit_micro_batch(config.batch_size, per_row, budget)
+    return micro, {"micro_batch_size": micro, "chosen": "memory budget", "budget_bytes": budget,
+                   "saved_bytes_per_token": per_token, "bytes_per_row_budgeted": per_row,
+                   "longest_row_tokens": len(longest["input_ids"]), "backward_factor": BACKWARD_FACTOR}
 
 
 def prompt_text(row: dict) -> str:
@@ -108,8 +183,12 @@ def warmup_steps(config: TrainConfig, total_steps: int) -> int:
 
 
 def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig | None = None,
-              quiet: bool = False) -> dict:
-    """Train the model's trainable (LoRA-MoE) parameters on `rows`; returns a small log (losses, timing)."""
+              quiet: bool = False, on_step: Callable[[int], None] | None = None) -> dict:
+    """Train the model's trainable (LoRA-MoE) parameters on `rows`; returns a small log (losses, timing).
+
+    `on_step(step)` runs after every optimizer step (e.g. a validation curve); the model is put back in
+    training mode after it.
+    """
     from tqdm.auto import tqdm
 
     config = config or TrainConfig()
@@ -126,8 +205,9 @@ def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig
     torch.manual_seed(config.seed)
     items = encode_training_rows(rows, tokenizer, config.cutoff, config.train_on_inputs)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    micro_batch_size, memory_plan = plan_micro_batch(model, items, config, pad_id)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
-    total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
+    total_steps = config.steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     warmup = warmup_steps(config, total_steps)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total_steps))
@@ -148,8 +228,8 @@ def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig
                 batch_items = [items[i] for i in order[first : first + config.batch_size]]
                 n_tokens = sum(item["n_target"] for item in batch_items)
                 step_loss = 0.0
-                for micro_first in range(0, len(batch_items), config.micro_batch_size):
-                    micro = _collate(batch_items[micro_first : micro_first + config.micro_batch_size], pad_id)
+                for micro_first in range(0, len(batch_items), micro_batch_size):
+                    micro = _collate(batch_items[micro_first : micro_first + micro_batch_size], pad_id)
                     micro = {key: value.to(device) for key, value in micro.items()}
                     set_token_mask(model, micro["attention_mask"].bool())
                     logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
@@ -174,6 +254,9 @@ def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(step_loss)
                 step += 1
+                if on_step is not None:
+                    on_step(step)
+                    model.train()
                 progress.update(1)
                 progress.set_postfix(loss=f"{step_loss:.3f}")
     finally:
@@ -189,4 +272,6 @@ def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig
         "final_loss": float(sum(losses[-10:]) / len(losses[-10:])),
         "seconds": time.perf_counter() - started,
         "load_balancing": lb_coef,
+        "micro_batch_size": micro_batch_size,
+        "memory_plan": memory_plan,
     }

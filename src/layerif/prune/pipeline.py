@@ -42,7 +42,13 @@ class PruneJob:
 
     def validate(self) -> OutputFolder:
         """Check every argument that can be checked before loading anything; the checked --out folder."""
-        from layerif.allocate.sparsity import ALLOCATIONS, check_epsilon, check_sparsity, is_ratio_file
+        from layerif.allocate.sparsity import (
+            ALLOCATIONS,
+            NEEDS_SCORES,
+            check_epsilon,
+            check_sparsity,
+            is_ratio_file,
+        )
         from layerif.models.load import check_device, check_model_source, resolve_dtype
         from layerif.prune.run import check_method
 
@@ -56,7 +62,7 @@ class PruneJob:
         else:
             check_sparsity(self.sparsity)
             check_epsilon(self.epsilon)
-        if self.allocation in ("layerif", "reversed") and self.scores is None:
+        if self.allocation in NEEDS_SCORES and self.scores is None:
             raise LayerIFError(f"--allocation {self.allocation} needs --scores (a `layerif score` run folder)")
         if (self.method != "magnitude" or self.allocation == "owl") and self.calib is None:
             raise LayerIFError("this method/allocation needs calibration text: pass --calib")

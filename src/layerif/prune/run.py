@@ -177,7 +177,8 @@ def prune_with_allocation(
     if calib is not None and needs_calib:
         calib_ids = calibration_ids(calib, tokenizer, calib_sequences, calib_length or default_length(model), seed)
     plan = allocate_sparsity(model, allocation, sparsity, scores=scores, score_name=score_name, epsilon=epsilon,
-                             smooth_scores=smooth_scores, calib_ids=calib_ids, batch_size=batch_size, quiet=quiet)
+                             smooth_scores=smooth_scores, calib_ids=calib_ids, batch_size=batch_size, quiet=quiet,
+                             seed=seed)
     if calib_ids is not None:
         plan.arguments.update(calib=str(calib), calib_sequences=int(calib_ids.shape[0]),
                               calib_length=int(calib_ids.shape[1]), seed=seed)

@@ -1,0 +1,608 @@
+"""The `standard` pruning study (`python bench/pruning.py --standard`): does LayerIF beat a depth prior?
+
+SmolLM2-135M (built-in GGUF, float32). Everything the DESIGN §7 asks of a results claim:
+
+- LayerIF scores at the paper's size, 300 x 50, once per profile: `tasks` (a mix of the zero-shot tasks' train
+  splits, the first 75 rows of each of BoolQ, ARC-e, ARC-c, OpenBookQA as train and the next 12-13 of each as
+  validation) and `wikitext` (128-token chunks of the calibration part of WikiText-2 valid); S_pos and S_top25
+  come from the same run. Variants (`--modules attn` scores, no smoothing, the WikiText profile) run only at the
+  settings where LayerIF S_pos is not better than `depth` on test perplexity, as the issue asks.
+- Settings (pruner, sparsity): Wanda 70 %, SparseGPT 70 %, Wanda 60 %, in that order; calibration 128 x 512
+  tokens of WikiText-2 valid (its calibration part), 3 seeds.
+- Allocations: uniform, OWL, AlphaPruning, LayerIF S_pos and S_top25, reversed, depth, random (5 placement
+  seeds, calibration seed = placement seed mod 3).
+- ε for LayerIF S_pos, depth and AlphaPruning chosen from {0.05, 0.1, 0.2, 0.3} by perplexity on the last 32
+  non-overlapping 512-token windows of WikiText-2 valid (never drawn for calibration), calibration seed 0;
+  S_top25, reversed, random and the variants use the ε chosen for LayerIF S_pos.
+- Test: perplexity on the first 200 windows of 512 tokens of WikiText-2 test, zero-shot ARC-e, ARC-c,
+  OpenBookQA, RTE on the first 500 rows each (BoolQ in its own column: its rows carry no passage).
+- Statistics: per-window NLL and per-row correctness kept; paired bootstrap (10,000 seeded resamples) of
+  LayerIF minus each alternative, seeds averaged inside a resample; spread over seeds beside it.
+
+Sizing. Units run in priority order (per setting: ε selection, then seed round 0 of every allocation in MAIN
+order, then rounds 1, 2, ...; settings in order; variants last) and each is saved under
+runs/bench-pruning-standard/, so a run stopped at any time leaves complete tables for what finished and a
+rerun continues. Cost model on 2 idle cores (forward ≈ 450 tokens/s for this model, from the committed
+score_speed and quick-pruning timings; the session that wrote this could not time a unit itself, the machine
+being saturated): test evaluation = 200 x 512 perplexity tokens + ≈ 7,500 lm-eval requests of ≈ 60 tokens
+≈ 550k tokens ≈ 1,230 s; Wanda prune (128 x 512 calibration) ≈ 110 s, SparseGPT ≈ 450 s; ε-selection unit =
+prune + 32 validation windows ≈ 150 s (Wanda); one 300 x 50 scoring ≈ 450 s; dense evaluation ≈ 1,270 s.
+Phase A (the question) = dense + tasks scores + 8 Wanda-70 selection units + LayerIF, depth, random, uniform
+at seed 0 ≈ 1,270 + 450 + 1,200 + 4 x 1,340 ≈ 8,300 s ≈ 2.3 h: the 2.5 h budget holds the question, not the
+whole grid (≈ 26 test units per setting ≈ 10 h for Wanda 70 % alone). The statistics are never shrunk (200
+windows, 500 rows, 10,000 resamples); the grid is, by stopping the run: `--plan` prints every unit in order
+with its projected cumulative time, from the measured times of finished units when there are any.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from study import Units, acc_text, describe_state, machine_state, ppl_text
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+RESULTS = REPO / "bench" / "results"
+WORK = REPO / "runs" / "bench-pruning-standard"
+REPORT = "pruning_standard"  # result file stem
+
+SCORE_TASKS = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
+ZS_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "rte")
+SIDE_TASK = "boolq"  # passage-less: reported in its own column, not in the mean
+# (pruner, sparsity), in the order they run: the first is the headline setting
+SETTINGS = (("wanda", 0.7), ("sparsegpt", 0.7), ("wanda", 0.6))
+EPSILONS = (0.05, 0.1, 0.2, 0.3)
+TUNED = ("layerif", "depth", "alphapruning")  # the allocations whose ε is chosen on validation
+CALIB_SEEDS = (0, 1, 2)
+RANDOM_SEEDS = (0, 1, 2, 3, 4)
+CALIB_SEQUENCES, CALIB_LENGTH = 128, 512
+PPL_WINDOWS, PPL_LENGTH, LIMIT = 200, 512, 500
+SELECT_WINDOWS = 32
+SCORE_TRAIN, SCORE_VAL = 300, 50
+# priority order: the first four answer "does LayerIF beat the depth prior / random placement?"
+MAIN = ("layerif", "depth", "random", "uniform", "alphapruning", "owl", "layerif-top25", "reversed")
+VARIANTS = ("layerif-wikitext", "layerif-attn", "layerif-nosmooth")
+# what each allocation of the study is: library allocation, score profile, score, smoothing, whose ε it uses
+SPECS = {
+    "layerif": ("layerif", "tasks", "S_pos", True, "layerif"),
+    "layerif-top25": ("layerif", "tasks", "S_top25", True, "layerif"),
+    "depth": ("depth", None, None, True, "depth"),
+    "random": ("random", "tasks", "S_pos", True, "layerif"),
+    "reversed": ("reversed", "tasks", "S_pos", True, "layerif"),
+    "uniform": ("uniform", None, None, True, None),
+    "owl": ("owl", None, None, True, None),
+    "alphapruning": ("alphapruning", None, None, True, "alphapruning"),
+    "layerif-wikitext": ("layerif", "wikitext", "S_pos", True, "layerif"),
+    "layerif-attn": ("layerif", "tasks-attn", "S_pos", True, "layerif"),
+    "layerif-nosmooth": ("layerif", "tasks", "S_pos", False, "layerif"),
+}
+# seconds per unit kind on 2 idle cores, used by --plan until finished units give measured times
+ESTIMATES = {"dense": 1270, "scores": 450, "inputs-alpha": 60, "inputs-owl": 150, "select-wanda": 150,
+             "select-sparsegpt": 490, "test-wanda": 1340, "test-sparsegpt": 1680}
+
+
+def setting_name(method: str, sparsity: float) -> str:
+    return f"{method}-{round(100 * sparsity)}"
+
+
+class Study:
+    """Model, data and per-block inputs shared by every unit, loaded lazily (a finished study loads nothing)."""
+
+    def __init__(self, units: Units, threads: int, model_name: str = "smollm2-135m"):
+        self.units = units
+        self.model_name = model_name
+        self.threads = threads
+        self._loaded = None
+        self._valid_ids = None
+        self._calib: dict[int, torch.Tensor] = {}
+        self._outlier: dict[int, np.ndarray] = {}
+        self._alpha = None
+
+    # ---- shared inputs ----
+    def model(self):
+        if self._loaded is None:
+            from layerif.models import load_model
+
+            self._loaded = load_model(self.model_name, dtype="float32", quiet=True)
+            self._dense = {k: v.clone() for k, v in self._loaded.model.state_dict().items()}
+        return self._loaded.model, self._loaded.tokenizer
+
+    def reset(self):
+        model, tokenizer = self.model()
+        model.load_state_dict(self._dense)
+        return model, tokenizer
+
+    def valid_ids(self) -> torch.Tensor:
+        if self._valid_ids is None:
+            from layerif.calibration import read_text, tokenize_text
+
+            self._valid_ids = tokenize_text(read_text(DATA / "text" / "wikitext2" / "valid.txt"), self.model()[1])
+        return self._valid_ids
+
+    def calibration_part(self) -> torch.Tensor:
+        """WikiText-2 valid without its last SELECT_WINDOWS windows (those select ε)."""
+        return self.valid_ids()[: len(self.valid_ids()) - SELECT_WINDOWS * PPL_LENGTH]
+
+    def selection_windows(self) -> torch.Tensor:
+        ids = self.valid_ids()
+        return ids[len(ids) - SELECT_WINDOWS * PPL_LENGTH :].view(SELECT_WINDOWS, PPL_LENGTH)
+
+    def calib(self, seed: int) -> torch.Tensor:
+        if seed not in self._calib:
+            part = self.calibration_part()
+            starts = np.random.default_rng(seed).integers(0, len(part) - CALIB_LENGTH, size=CALIB_SEQUENCES)
+            self._calib[seed] = torch.stack([part[s : s + CALIB_LENGTH] for s in starts])
+        return self._calib[seed]
+
+    def alpha(self) -> np.ndarray:
+        record = self.units.run("inputs-alpha", lambda: {"alpha": self._block_alpha().tolist()})
+        return np.asarray(record["alpha"])
+
+    def _block_alpha(self) -> np.ndarray:
+        from layerif.allocate.metrics import block_alpha_hill
+
+        return block_alpha_hill(self.reset()[0])
+
+    def outlier(self, seed: int) -> np.ndarray:
+        def compute() -> dict:
+            from layerif.allocate.metrics import owl_outlier_ratios
+
+            return {"outlier": owl_outlier_ratios(self.reset()[0], self.calib(seed)).tolist()}
+
+        return np.asarray(self.units.run(f"inputs-owl-s{seed}", compute)["outlier"])
+
+    def profile(self, name: str, score: str) -> np.ndarray:
+        """Per-block LayerIF score `score` of the profile `name` (tasks, tasks-attn, wikitext), scored once."""
+        from layerif.scores import LayerScores
+
+        folder = self.units.folder / f"scores-{name}"
+
+        def compute() -> dict:
+            from layerif import ScoreConfig, score_layers
+
+            train, val = self.score_rows(name)
+            model, tokenizer = self.reset()
+            config = ScoreConfig(n_train=len(train), n_val=len(val), modules="attn" if name == "tasks-attn" else "all",
+                                 quiet=True)
+            started = time.perf_counter()
+            result = score_layers(model, tokenizer, train, val, config)
+            result.save(folder)
+            return {"folder": str(folder), "score_seconds": time.perf_counter() - started}
+
+        self.units.run(f"scores-{name}", compute)
+        return np.asarray(LayerScores.load(folder).scores(score), dtype=np.float64)
+
+    def score_rows(self, name: str) -> tuple[list[dict], list[dict]]:
+        if name == "wikitext":
+            part = self.calibration_part()
+            n = SCORE_TRAIN + SCORE_VAL
+            chunks = part[: n * 128].view(n, 128)
+            texts = [{"text": self.model()[1].decode(chunk)} for chunk in chunks]
+            return texts[:SCORE_TRAIN], texts[SCORE_TRAIN:]
+        from layerif.data import load_rows
+
+        per_train = np.array_split(np.arange(SCORE_TRAIN), len(SCORE_TASKS))
+        per_val = np.array_split(np.arange(SCORE_VAL), len(SCORE_TASKS))
+        train, val = [], []
+        for task, t_idx, v_idx in zip(SCORE_TASKS, per_train, per_val, strict=True):
+            rows = load_rows(DATA / "zeroshot" / task / "train.jsonl")
+            train += rows[: len(t_idx)]
+            val += rows[len(t_idx) : len(t_idx) + len(v_idx)]
+        return train, val
+
+    # ---- units ----
+    def prune(self, method: str, sparsity: float, allocation: str, epsilon: float | None, calib_seed: int,
+              place_seed: int):
+        from layerif.allocate.sparsity import allocate_sparsity
+        from layerif.prune import prune_model
+
+        library, profile, score, smooth, _ = SPECS[allocation]
+        scores = self.profile(profile, score) if profile else None
+        alpha = self.alpha() if library == "alphapruning" else None
+        outlier = self.outlier(calib_seed) if library == "owl" else None
+        model, _ = self.reset()
+        plan = allocate_sparsity(model, library, sparsity, scores=scores, epsilon=0.3 if epsilon is None else epsilon,
+                                 smooth_scores=smooth, alpha=alpha, outlier=outlier, seed=place_seed)
+        report = prune_model(model, plan.matrix_ratios, method, self.calib(calib_seed), quiet=True)
+        return model, plan, report
+
+    def selection_unit(self, method: str, sparsity: float, allocation: str, epsilon: float) -> dict:
+        from layerif.evaluate.perplexity import window_nll
+
+        def compute() -> dict:
+            model, plan, _ = self.prune(method, sparsity, allocation, epsilon, 0, 0)
+            nll = window_nll(model, self.selection_windows())
+            tokens = SELECT_WINDOWS * (PPL_LENGTH - 1)
+            return {"valid_log_ppl": float(nll.sum()) / tokens, "valid_ppl": math.exp(float(nll.sum()) / tokens),
+                    "block_ratios": plan.block_ratios.tolist()}
+
+        key = f"select-{setting_name(method, sparsity)}-{allocation}-e{epsilon:g}"
+        return self.units.run(key, compute)
+
+    def chosen_epsilon(self, method: str, sparsity: float, allocation: str) -> float | None:
+        tuned_by = SPECS[allocation][4]
+        if tuned_by is None:
+            return None
+        sweep = {eps: self.selection_unit(method, sparsity, tuned_by, eps)["valid_ppl"] for eps in EPSILONS}
+        return min(sweep, key=sweep.get)
+
+    def test_unit(self, method: str, sparsity: float, allocation: str, calib_seed: int, place_seed: int = 0) -> dict:
+        epsilon = self.chosen_epsilon(method, sparsity, allocation)
+
+        def compute() -> dict:
+            t0 = time.perf_counter()
+            model, plan, report = self.prune(method, sparsity, allocation, epsilon, calib_seed, place_seed)
+            t1 = time.perf_counter()
+            record = evaluate(model, self.model()[1])
+            record.update(epsilon=epsilon, calib_seed=calib_seed, place_seed=place_seed,
+                          block_ratios=plan.block_ratios.tolist(), measured_sparsity=report.overall,
+                          clipped=plan.clipped, prune_s=t1 - t0, eval_s=time.perf_counter() - t1)
+            return record
+
+        return self.units.run(unit_key(method, sparsity, allocation, calib_seed, place_seed), compute)
+
+    def dense_unit(self) -> dict:
+        def compute() -> dict:
+            from layerif.evaluate.perplexity import window_nll
+
+            model, tokenizer = self.reset()
+            record = evaluate(model, tokenizer)
+            nll = window_nll(model, self.selection_windows())
+            record["valid_ppl"] = math.exp(float(nll.sum()) / (SELECT_WINDOWS * (PPL_LENGTH - 1)))
+            return record
+
+        return self.units.run("dense", compute)
+
+
+def unit_key(method: str, sparsity: float, allocation: str, calib_seed: int, place_seed: int = 0) -> str:
+    extra = f"-r{place_seed}" if allocation == "random" else ""
+    return f"test-{setting_name(method, sparsity)}-{allocation}-s{calib_seed}{extra}"
+
+
+def runs_of(allocation: str) -> list[tuple[int, int]]:
+    """(calibration seed, placement seed) of every run of an allocation."""
+    if allocation == "random":
+        return [(seed % len(CALIB_SEEDS), seed) for seed in RANDOM_SEEDS]
+    return [(seed, 0) for seed in CALIB_SEEDS]
+
+
+def evaluate(model, tokenizer) -> dict:
+    """Test perplexity (per-window NLL) and zero-shot per-row correctness."""
+    from layerif.evaluate.perplexity import perplexity
+    from layerif.evaluate.zeroshot import zeroshot_accuracy
+
+    ppl = perplexity(model, tokenizer, DATA / "text" / "wikitext2" / "test.txt", PPL_LENGTH, PPL_WINDOWS,
+                     batch_size=4, quiet=True)
+    zero = zeroshot_accuracy(model, tokenizer, (*ZS_TASKS, SIDE_TASK), DATA, LIMIT, batch_size=16, quiet=True)
+    return {"ppl": ppl["perplexity"], "window_nll": ppl["window_nll"], "window_tokens": ppl["window_tokens"],
+            "correct": {task: entry["correct"] for task, entry in zero["tasks"].items()},
+            "acc": {task: entry["acc"] for task, entry in zero["tasks"].items()}}
+
+
+def unit_kind(key: str) -> str:
+    parts = key.split("-")
+    if parts[0] in ("select", "test"):
+        return f"{parts[0]}-{parts[1]}"
+    return "inputs-owl" if key.startswith("inputs-owl") else parts[0] if parts[0] != "inputs" else key
+
+
+class PlannedUnits(Units):
+    """Units that only record what would run (for --plan): unfinished units return a placeholder."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.planned: list[str] = []
+
+    def run(self, key: str, compute) -> dict:
+        if self.done(key):
+            return self.load(key)
+        if key not in self.planned:
+            self.planned.append(key)
+        return {"valid_ppl": 0.0}
+
+
+def print_plan(settings, variants: bool) -> None:
+    """Every unfinished unit in run order with the projected cumulative hours."""
+    units = PlannedUnits(WORK)
+    schedule(Study(units, 2), settings, variants=False, report=False)
+    measured: dict[str, list[float]] = {}
+    for path in WORK.glob("*.json") if WORK.is_dir() else []:
+        if not path.name.startswith("_"):
+            measured.setdefault(unit_kind(path.stem), []).append(json.loads(path.read_text())["seconds"])
+    planned = list(units.planned)
+    extra = ["scores-tasks", "inputs-alpha"] + [f"inputs-owl-s{seed}" for seed in CALIB_SEEDS]
+    for key in reversed(extra):
+        if not units.done(key):
+            first_use = {"scores-tasks": "-layerif", "inputs-alpha": "-alphapruning"}.get(key, f"owl-s{key[-1]}")
+            at = next((i for i, k in enumerate(planned) if first_use in k), len(planned))
+            planned.insert(at, key)
+    total = 0.0
+    for key in planned:
+        kind = unit_kind(key)
+        seconds = float(np.mean(measured[kind])) if kind in measured else ESTIMATES.get(kind, 1340)
+        total += seconds
+        print(f"{total / 3600:6.2f} h  {key}  ({seconds:.0f} s, {'measured' if kind in measured else 'estimated'})")
+    if variants:
+        print("variants (3 x 3 test units per setting where LayerIF does not beat depth) come after, if needed")
+
+
+def schedule(study: Study, settings, variants: bool, report: bool = True) -> None:
+    """Run every unit in priority order (ε selection runs when an allocation first needs it), seed by seed."""
+    study.dense_unit()
+    for method, sparsity in settings:
+        for round_ in range(max(len(CALIB_SEEDS), len(RANDOM_SEEDS))):
+            for allocation in MAIN:
+                runs = runs_of(allocation)
+                if round_ < len(runs):
+                    study.test_unit(method, sparsity, allocation, *runs[round_])
+            if report:
+                write_report(study)
+    if variants:
+        for method, sparsity in settings:
+            if layerif_beats_depth(study, method, sparsity):
+                continue
+            for allocation in VARIANTS:
+                for calib_seed, place_seed in runs_of(allocation):
+                    study.test_unit(method, sparsity, allocation, calib_seed, place_seed)
+            write_report(study)
+
+
+# ---- statistics and the report ----
+def records(study: Study, method: str, sparsity: float, allocation: str) -> list[dict]:
+    return [r for seeds in runs_of(allocation)
+            if (r := study.units.get(unit_key(method, sparsity, allocation, *seeds))) is not None]
+
+
+def compare(a: list[dict], b: list[dict], seed: int = 0) -> tuple:
+    """(log-ppl comparison, mean-accuracy comparison over ZS_TASKS) of A − B, seeds averaged in a resample."""
+    from layerif.evaluate.stats import compare_accuracy, compare_log_perplexity
+
+    nll_a = [r["window_nll"] for r in a]
+    nll_b = [r["window_nll"] for r in b]
+    ppl = compare_log_perplexity(nll_a, nll_b, a[0]["window_tokens"], seed=seed)
+    acc = compare_accuracy({t: [r["correct"][t] for r in a] for t in ZS_TASKS},
+                           {t: [r["correct"][t] for r in b] for t in ZS_TASKS}, seed=seed)
+    return ppl, acc
+
+
+def layerif_beats_depth(study: Study, method: str, sparsity: float) -> bool:
+    ours, depth = records(study, method, sparsity, "layerif"), records(study, method, sparsity, "depth")
+    if not ours or not depth:
+        return True  # nothing to decide yet
+    return compare(ours, depth)[0].verdict(higher_is_better=False) == "better"
+
+
+def mean_acc(record: dict) -> float:
+    return float(np.mean([record["acc"][t] for t in ZS_TASKS]))
+
+
+def spread(values: list[float], digits: int = 1, scale: float = 1.0) -> str:
+    values = [scale * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def write_report(study: Study, command: str = "python bench/pruning.py --standard", final: bool = False) -> None:
+    """bench/results/pruning_standard.md, .csv, .png from every finished unit (partial tables included)."""
+    from layerif.io import atomic_write_text
+
+    units = study.units
+    dense = units.get("dense")
+    invocations = units.log_invocation({"started": STARTED, "command": command, "state": START_STATE,
+                                        "end_state": machine_state()})
+    lines = ["# Pruning study — SmolLM2-135M, standard preset", "",
+             f"Command: `{command}`. Compute time of the finished units: {units.total_seconds() / 3600:.2f} h "
+             f"(wall time of the study when run without pauses). Machine: {describe_state(invocations)}.", ""]
+    if not final:
+        lines += ["**Partial tables**: the study has not finished; every number below is final for the units it "
+                  "shows, missing rows are still to run.", ""]
+    lines += [__doc__.split("\n\n", 1)[1].split("Sizing")[0].strip(), ""]
+    if dense:
+        lines += [f"Dense: test perplexity **{dense['ppl']:.2f}**, validation (ε-selection windows) perplexity "
+                  f"{dense['valid_ppl']:.2f}, mean accuracy over {', '.join(ZS_TASKS)} {100 * mean_acc(dense):.2f} "
+                  f"%, BoolQ {100 * dense['acc'][SIDE_TASK]:.1f} %.", ""]
+    csv_rows, verdicts = [], []
+    for method, sparsity in SETTINGS:
+        name = setting_name(method, sparsity)
+        present = [a for a in (*MAIN, *VARIANTS) if records(study, method, sparsity, a)]
+        if not present:
+            continue
+        lines += [f"## {method} at {sparsity:.0%}", "",
+                  "Perplexity and accuracy: mean over runs (min–max over calibration / placement seeds). "
+                  "Δ: LayerIF S_pos minus the row, paired bootstrap over windows / rows (10,000 resamples), "
+                  "95 % interval and p-value; perplexity as the ratio LayerIF / row (below 1: LayerIF better).", "",
+                  "| allocation | ε | runs | WikiText-2 ppl | mean acc (%) | " + " | ".join(ZS_TASKS)
+                  + f" | {SIDE_TASK} (no passage) | ppl ratio LayerIF/row [95 %], p | Δ acc pts [95 %], p |",
+                  "|---|---|---|---|---|" + "---|" * len(ZS_TASKS) + "---|---|---|"]
+        ours = records(study, method, sparsity, "layerif")
+        for allocation in present:
+            runs = records(study, method, sparsity, allocation)
+            eps = runs[0]["epsilon"]
+            tasks = " | ".join(spread([r["acc"][t] for r in runs], 1, 100) for t in ZS_TASKS)
+            if allocation != "layerif" and ours:
+                ppl_c, acc_c = compare(ours, runs)
+                delta = f"{ppl_text(ppl_c)} | {acc_text(acc_c)}"
+                verdicts.append((method, sparsity, allocation, ppl_c, acc_c, len(ours), len(runs)))
+            else:
+                delta = "— | —"
+            lines.append(f"| {allocation} | {'' if eps is None else f'{eps:g}'} | {len(runs)} | "
+                         f"{spread([r['ppl'] for r in runs])} | {spread([mean_acc(r) for r in runs], 2, 100)} | "
+                         f"{tasks} | {spread([r['acc'][SIDE_TASK] for r in runs], 1, 100)} | {delta} |")
+            for r in runs:
+                csv_rows.append({"setting": name, "method": method, "sparsity": sparsity, "allocation": allocation,
+                                 "epsilon": "" if eps is None else eps, "calib_seed": r["calib_seed"],
+                                 "place_seed": r["place_seed"], "ppl": r["ppl"], "mean_acc": mean_acc(r),
+                                 **{f"acc_{t}": r["acc"][t] for t in (*ZS_TASKS, SIDE_TASK)},
+                                 "min_ratio": min(r["block_ratios"]), "max_ratio": max(r["block_ratios"]),
+                                 "clipped": " ".join(map(str, r["clipped"])), "prune_s": r["prune_s"],
+                                 "eval_s": r["eval_s"]})
+        lines.append("")
+    lines += ["## Verdict", "", *verdict_lines(verdicts), ""]
+    lines += epsilon_appendix(study) + profile_appendix(study)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS / f"{REPORT}.md", "\n".join(lines) + "\n")
+    if csv_rows:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(csv_rows[0]))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+        atomic_write_text(RESULTS / f"{REPORT}.csv", buffer.getvalue())
+        write_plot(study)
+
+
+def verdict_lines(verdicts) -> list[str]:
+    """One line per comparison: better / not distinguishable / worse by the 95 % interval, then the reading."""
+    if not verdicts:
+        return ["No comparison has finished yet."]
+    lines = []
+    for method, sparsity, allocation, ppl_c, acc_c, n_ours, n_other in verdicts:
+        lines.append(f"- {method} {sparsity:.0%}, LayerIF vs **{allocation}** ({n_ours} vs {n_other} runs): "
+                     f"perplexity **{ppl_c.verdict(higher_is_better=False)}** ({ppl_text(ppl_c)}); "
+                     f"accuracy **{acc_c.verdict(higher_is_better=True)}** ({acc_text(acc_c)}).")
+    lines.append("")
+    for control in ("depth", "random"):
+        against = [v for v in verdicts if v[2] == control]
+        if not against:
+            continue
+        words = [v[3].verdict(higher_is_better=False) for v in against]
+        settings = ", ".join(f"{v[0]} {v[1]:.0%}" for v in against)
+        if all(w == "better" for w in words):
+            reading = f"LayerIF has lower perplexity than {control} at every setting run ({settings})"
+        elif all(w != "better" for w in words):
+            reading = f"LayerIF does **not** beat {control} on perplexity at any setting run ({settings})"
+        else:
+            reading = (f"LayerIF beats {control} on perplexity at {words.count('better')} of {len(words)} settings "
+                       f"({settings}: {', '.join(words)})")
+        accs = [v[4].verdict(higher_is_better=True) for v in against]
+        lines.append(f"- Reading against {control}: {reading}; on mean accuracy the comparisons read "
+                     f"{', '.join(accs)}.")
+    variants = [v for v in verdicts if v[2] in VARIANTS]
+    if variants:
+        lines.append("- Variants (run because LayerIF did not beat depth there) are compared with LayerIF S_pos "
+                     "above; a variant row with a ratio above 1 is better than S_pos.")
+    return lines
+
+
+def epsilon_appendix(study: Study) -> list[str]:
+    lines = ["## Appendix: ε chosen on validation", "",
+             f"Perplexity on the last {SELECT_WINDOWS} windows of {PPL_LENGTH} tokens of WikiText-2 valid (never "
+             "drawn for calibration), calibration seed 0; the chosen ε (lowest) in bold. Test numbers above use "
+             "the chosen ε only.", "",
+             "| setting | allocation | " + " | ".join(f"ε {e:g}" for e in EPSILONS) + " |",
+             "|---|---|" + "---|" * len(EPSILONS)]
+    for method, sparsity in SETTINGS:
+        for allocation in TUNED:
+            values = {e: r["valid_ppl"] for e in EPSILONS if (r := study.units.get(
+                f"select-{setting_name(method, sparsity)}-{allocation}-e{e:g}")) is not None}
+            if not values:
+                continue
+            best = min(values, key=values.get) if len(values) == len(EPSILONS) else None
+            cells = [("—" if e not in values else (f"**{values[e]:.1f}**" if e == best else f"{values[e]:.1f}"))
+                     for e in EPSILONS]
+            lines.append(f"| {method} {sparsity:.0%} | {allocation} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def profile_appendix(study: Study) -> list[str]:
+    from layerif.scores import LayerScores
+
+    columns = {}
+    for name in ("tasks", "wikitext", "tasks-attn"):
+        folder = study.units.folder / f"scores-{name}"
+        if (folder / "influence.safetensors").is_file():
+            scores = LayerScores.load(folder)
+            columns[f"{name} S_pos"] = scores.scores("S_pos")
+            if name == "tasks":
+                columns["tasks S_top25"] = scores.scores("S_top25")
+    if (alpha := study.units.get("inputs-alpha")) is not None:
+        columns["PL_Alpha_Hill"] = np.asarray(alpha["alpha"])
+    if (owl := study.units.get("inputs-owl-s0")) is not None:
+        columns["OWL outliers % (seed 0)"] = 100 * np.asarray(owl["outlier"])
+    if not columns:
+        return []
+    n_blocks = len(next(iter(columns.values())))
+    lines = ["## Appendix: per-block inputs", "", "| block | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for block in range(n_blocks):
+        lines.append(f"| {block} | " + " | ".join(f"{values[block]:.4g}" for values in columns.values()) + " |")
+    return lines + [""]
+
+
+def write_plot(study: Study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from layerif.io import atomic_savefig
+
+    method, sparsity = SETTINGS[0]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for allocation in ("layerif", "layerif-top25", "depth", "alphapruning", "owl", "reversed"):
+        runs = records(study, method, sparsity, allocation)
+        if runs:
+            axes[0].plot(runs[0]["block_ratios"], marker=".", label=allocation)
+    axes[0].set_title(f"{method} {sparsity:.0%}: per-block ratios (chosen ε)")
+    axes[0].set_xlabel("block")
+    axes[0].legend(fontsize=7)
+    labels, position = [], 0
+    for method_, sparsity_ in SETTINGS:
+        for allocation in (*MAIN, *VARIANTS):
+            runs = records(study, method_, sparsity_, allocation)
+            if not runs:
+                continue
+            values = [r["ppl"] for r in runs]
+            axes[1].scatter([position] * len(values), values, s=12)
+            labels.append(f"{setting_name(method_, sparsity_)} {allocation}")
+            position += 1
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+    axes[1].set_title("WikiText-2 test perplexity, every run")
+    figure.tight_layout()
+    atomic_savefig(RESULTS / f"{REPORT}.png", figure)
+    plt.close(figure)
+
+
+STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+START_STATE: dict = {}
+
+
+def shrink_for_smoke() -> None:
+    """Tiny sizes that run the whole machinery in minutes (a check of the code, not a result)."""
+    global SETTINGS, CALIB_SEEDS, RANDOM_SEEDS, CALIB_SEQUENCES, CALIB_LENGTH, PPL_WINDOWS, LIMIT, SELECT_WINDOWS
+    global SCORE_TRAIN, SCORE_VAL, WORK, REPORT, RESULTS
+    global EPSILONS
+    SETTINGS, CALIB_SEEDS, RANDOM_SEEDS, EPSILONS = (("wanda", 0.7),), (0,), (0, 1), (0.1, 0.3)
+    CALIB_SEQUENCES, CALIB_LENGTH, PPL_WINDOWS, LIMIT, SELECT_WINDOWS = 4, 64, 2, 3, 2
+    SCORE_TRAIN, SCORE_VAL = 8, 4
+    WORK, REPORT = REPO / "runs" / "bench-pruning-standard-smoke", "pruning_standard_smoke"
+    RESULTS = WORK  # a smoke report is not a result: it stays out of bench/results
+
+
+def main(threads: int = 2, settings: str | None = None, variants: bool = True, report_only: bool = False,
+         smoke: bool = False, model: str = "smollm2-135m", plan: bool = False) -> None:
+    """Run (or resume) the study and write its report (or, with `plan`, list what is left to run)."""
+    if smoke:
+        shrink_for_smoke()
+    torch.set_num_threads(threads)
+    START_STATE.update(machine_state())
+    chosen = SETTINGS if settings is None else tuple(
+        (part.split("-")[0], int(part.split("-")[1]) / 100) for part in settings.split(","))
+    if plan:
+        print_plan(chosen, variants)
+        return
+    study = Study(Units(WORK), threads, model)
+    command = "python bench/pruning.py --standard" + (f" --settings {settings}" if settings else "") + \
+        (" --smoke" if smoke else "")
+    if not report_only:
+        schedule(study, chosen, variants)
+    write_report(study, command, final=not report_only and chosen == SETTINGS)
+    print(f"wrote {RESULTS / f'{REPORT}.md'}")

@@ -1,0 +1,112 @@
+"""Shared machinery of the standard studies (bench/pruning.py --standard, bench/moe.py --standard).
+
+A study is a list of units (one pruned or trained model, evaluated); each finished unit is saved as one JSON
+file under the study's work folder, so an interrupted study resumes where it stopped and the tables can be
+written from whatever has finished. Comparisons are paired bootstraps from `layerif.evaluate.stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+class Units:
+    """Finished units of a study, one JSON file each (written atomically; a killed unit leaves nothing)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def done(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> dict:
+        return json.loads(self.path(key).read_text())
+
+    def get(self, key: str) -> dict | None:
+        return self.load(key) if self.done(key) else None
+
+    def run(self, key: str, compute: Callable[[], dict]) -> dict:
+        """The saved record of `key`, or compute it (timed), save it and return it."""
+        if self.done(key):
+            return self.load(key)
+        from layerif.io import atomic_write_json
+
+        started = time.perf_counter()
+        record = compute()
+        record["seconds"] = time.perf_counter() - started
+        record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        atomic_write_json(self.path(key), record)
+        print(f"[{record['finished']}] {key}: {record['seconds']:.0f} s", flush=True)
+        return record
+
+    def total_seconds(self) -> float:
+        """Compute time of every finished unit (the study's wall time when it ran without pauses)."""
+        return sum(json.loads(path.read_text()).get("seconds", 0.0) for path in self.folder.glob("*.json")
+                   if not path.name.startswith("_"))
+
+    def log_invocation(self, entry: dict) -> list[dict]:
+        """Append one invocation (command, start/end, machine state) to _invocations.json; return all."""
+        from layerif.io import atomic_write_json
+
+        path = self.folder / "_invocations.json"
+        entries = json.loads(path.read_text()) if path.is_file() else []
+        entries = [e for e in entries if e.get("started") != entry.get("started")] + [entry]
+        atomic_write_json(path, entries)
+        return entries
+
+
+def machine_state() -> dict:
+    """What the numbers depend on: cores, load, memory, torch threads and versions."""
+    import torch
+
+    state = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
+             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        state["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        state["memory_total_gib"] = round(memory.total / 2**30, 1)
+        state["memory_available_gib"] = round(memory.available / 2**30, 1)
+    except ImportError:
+        pass
+    return state
+
+
+def describe_state(entries: list[dict]) -> str:
+    """One sentence on the machine over all invocations of a study."""
+    if not entries:
+        return "machine state not recorded"
+    first = entries[0]["state"]
+    loads = [e["state"].get("load_average", [math.nan])[0] for e in entries] + \
+            [e.get("end_state", {}).get("load_average", [math.nan])[0] for e in entries]
+    loads = [v for v in loads if not math.isnan(v)]
+    memory = f", {first['memory_total_gib']} GiB memory" if "memory_total_gib" in first else ""
+    load = f"; 1-min load average {min(loads):.2f}–{max(loads):.2f} at the starts/ends of the invocations" if loads else ""
+    return (f"{first['cpus']} CPUs{memory}, torch {first['torch']} with {first['torch_threads']} threads; "
+            f"{len(entries)} invocation(s){load}")
+
+
+def acc_text(comparison) -> str:
+    """Accuracy difference in points with its interval and p-value."""
+    c = comparison
+    return f"{100 * c.estimate:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}], p={c.p_value:.3g}"
+
+
+def ppl_text(comparison) -> str:
+    """Log-perplexity difference as a perplexity ratio A/B with its interval and p-value."""
+    c = comparison
+    return f"×{math.exp(c.estimate):.3f} [{math.exp(c.low):.3f}, {math.exp(c.high):.3f}], p={c.p_value:.3g}"

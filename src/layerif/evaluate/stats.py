@@ -1,0 +1,141 @@
+"""Paired bootstrap comparisons of two configurations on the same evaluation items (DESIGN §7).
+
+Both configurations were evaluated on the same items (perplexity windows, task rows), possibly several times
+(calibration or training seeds). One resample draws the items with replacement — the same draw for A and B,
+which is what makes the comparison paired — and computes each configuration's statistic on it, averaged over
+that configuration's seeds. The difference A − B over 10,000 resamples gives
+
+- the estimate: the difference on the original items;
+- the 95 % interval: percentiles 2.5 and 97.5 of the resampled differences (percentile bootstrap);
+- the two-sided p-value: p = min(1, 2 · min(#{δ* ≤ 0} + 1, #{δ* ≥ 0} + 1) / (R + 1)), the smallest α at which
+  the (1 − α) percentile interval would exclude 0 (with the usual +1 so a p-value is never 0).
+
+Statistics: mean accuracy from per-row correctness (a list of tasks is averaged with equal weight per task, each
+task's rows resampled on their own), and log-perplexity from per-window NLL, token-weighted inside a resample:
+log ppl = Σ NLL / Σ tokens over the drawn windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from layerif.errors import LayerIFError
+
+RESAMPLES = 10_000
+CONFIDENCE = 0.95
+_CHUNK = 1_000  # resamples drawn at once: bounds the [chunk, items] count matrix
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Difference A − B of a statistic with its bootstrap interval and p-value."""
+
+    estimate: float
+    low: float
+    high: float
+    p_value: float
+    n_items: int
+    n_resamples: int
+    confidence: float
+
+    def verdict(self, higher_is_better: bool) -> str:
+        """'better' / 'worse' for A when the interval excludes 0, else 'not distinguishable'."""
+        if self.low > 0 or self.high < 0:
+            return "better" if (self.low > 0) == higher_is_better else "worse"
+        return "not distinguishable"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_runs(values, what: str) -> np.ndarray:
+    runs = np.asarray(values, dtype=np.float64)
+    if runs.ndim == 1:
+        runs = runs[None, :]
+    if runs.ndim != 2 or runs.shape[0] == 0 or runs.shape[1] == 0:
+        raise LayerIFError(f"{what}: expected items, or seeds x items, got shape {runs.shape}")
+    if not np.isfinite(runs).all():
+        raise LayerIFError(f"{what}: values must be finite")
+    return runs
+
+
+def _group(a, b, tokens=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    runs_a, runs_b = _as_runs(a, "A"), _as_runs(b, "B")
+    if runs_a.shape[1] != runs_b.shape[1]:
+        raise LayerIFError(f"A and B must cover the same items ({runs_a.shape[1]} vs {runs_b.shape[1]})")
+    if tokens is not None:
+        tokens = np.asarray(tokens, dtype=np.float64).reshape(-1)
+        if tokens.shape != (runs_a.shape[1],) or (tokens <= 0).any():
+            raise LayerIFError("need one positive token count per window")
+    return runs_a, runs_b, tokens
+
+
+def _statistic(counts: np.ndarray, runs: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """Per-resample statistic averaged over seeds: counts [R, n] x runs [s, n] -> [R]."""
+    totals = counts @ runs.T  # [R, s]
+    denominator = counts @ tokens if tokens is not None else counts.sum(axis=1)
+    return (totals / denominator[:, None]).mean(axis=1)
+
+
+def _compare(groups, n_resamples: int, seed: int, confidence: float) -> Comparison:
+    if n_resamples < 1 or not 0 < confidence < 1:
+        raise LayerIFError("need n_resamples >= 1 and a confidence inside (0, 1)")
+    groups = [_group(*group) for group in groups]
+    if not groups:
+        raise LayerIFError("nothing to compare")
+    rng = np.random.default_rng(seed)
+
+    def difference(all_counts) -> np.ndarray:
+        return np.mean([_statistic(counts, a, tok) - _statistic(counts, b, tok)
+                        for counts, (a, b, tok) in zip(all_counts, groups, strict=True)], axis=0)
+
+    estimate = float(difference([np.ones((1, a.shape[1])) for a, _, _ in groups])[0])
+    deltas = []
+    for first in range(0, n_resamples, _CHUNK):
+        size = min(_CHUNK, n_resamples - first)
+        # multinomial counts = how often each item is drawn in a resample of n items with replacement
+        all_counts = [rng.multinomial(a.shape[1], np.full(a.shape[1], 1.0 / a.shape[1]), size=size).astype(np.float64)
+                      for a, _, _ in groups]
+        deltas.append(difference(all_counts))
+    delta = np.concatenate(deltas)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(delta, [tail, 1 - tail])
+    below, above = int((delta <= 0).sum()), int((delta >= 0).sum())
+    p_value = min(1.0, 2 * (min(below, above) + 1) / (n_resamples + 1))
+    return Comparison(estimate, float(low), float(high), p_value, int(sum(a.shape[1] for a, _, _ in groups)),
+                      n_resamples, confidence)
+
+
+def compare_accuracy(a, b, *, n_resamples: int = RESAMPLES, seed: int = 0,
+                     confidence: float = CONFIDENCE) -> Comparison:
+    """Paired bootstrap of mean accuracy A − B from per-row correctness.
+
+    `a`, `b`: rows, or seeds x rows, of one task; or dicts {task: rows or seeds x rows} with the same tasks (the
+    mean over tasks, each task's rows resampled on their own). A and B may have different numbers of seeds.
+    """
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or set(a) != set(b):
+            raise LayerIFError("A and B must list the same tasks")
+        return _compare([(a[task], b[task]) for task in sorted(a)], n_resamples, seed, confidence)
+    return _compare([(a, b)], n_resamples, seed, confidence)
+
+
+def compare_log_perplexity(nll_a, nll_b, tokens, *, n_resamples: int = RESAMPLES, seed: int = 0,
+                           confidence: float = CONFIDENCE) -> Comparison:
+    """Paired bootstrap of log-perplexity A − B from per-window summed NLL (windows, or seeds x windows).
+
+    Inside a resample, log ppl = Σ NLL / Σ tokens over the drawn windows (each seed's), averaged over seeds.
+    exp of the estimate and of the interval bounds is the perplexity ratio A / B.
+    """
+    return _compare([(nll_a, nll_b, tokens)], n_resamples, seed, confidence)
+
+
+def seed_spread(values) -> dict:
+    """Spread of one configuration's statistic over seeds: mean, sample std, min, max and n."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if values.size == 0:
+        raise LayerIFError("no values to summarise")
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+            "min": float(values.min()), "max": float(values.max()), "n": int(values.size)}

@@ -1,0 +1,115 @@
+"""Paired bootstrap: known answers (identical inputs, constant shifts), seeds, token weighting, coverage."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from layerif.errors import LayerIFError
+from layerif.evaluate.stats import compare_accuracy, compare_log_perplexity, seed_spread
+
+
+def test_identical_inputs_give_p_one_and_a_zero_interval():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 2, 300)
+    result = compare_accuracy(rows, rows.copy())
+    assert result.estimate == 0 and result.low == 0 and result.high == 0 and result.p_value == 1.0
+    assert result.verdict(higher_is_better=True) == "not distinguishable" and result.n_resamples == 10_000
+    nll = rng.gamma(5.0, 100.0, 40)
+    same = compare_log_perplexity(nll, nll.copy(), np.full(40, 511))
+    assert same.estimate == 0 and same.low <= 0 <= same.high and same.p_value == 1.0
+
+
+def test_constant_log_perplexity_shift_is_exact_and_detected():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(100, 512, 50).astype(float)  # unequal windows: token weighting matters
+    nll_b = rng.gamma(5.0, 1.0, 50) * tokens
+    shift = -0.25  # A's log-perplexity lower by 0.25 in every window
+    result = compare_log_perplexity(nll_b + shift * tokens, nll_b, tokens)
+    assert result.estimate == pytest.approx(shift) and result.low == pytest.approx(shift)
+    assert result.high == pytest.approx(shift) and result.p_value == pytest.approx(2 / 10_001)
+    assert result.verdict(higher_is_better=False) == "better"
+    flipped = compare_log_perplexity(nll_b, nll_b + shift * tokens, tokens)
+    assert flipped.estimate == pytest.approx(-shift) and flipped.verdict(higher_is_better=False) == "worse"
+
+
+def test_token_weighted_estimate():
+    nll_a, nll_b, tokens = np.array([10.0, 40.0]), np.array([20.0, 20.0]), np.array([10.0, 30.0])
+    result = compare_log_perplexity(nll_a, nll_b, tokens, n_resamples=200)
+    assert result.estimate == pytest.approx(50 / 40 - 40 / 40)  # Σ NLL / Σ tokens, not a mean of window means
+
+
+def test_accuracy_shift_detected_with_the_right_sign():
+    rng = np.random.default_rng(2)
+    b = rng.integers(0, 2, 500)
+    a = b.copy()
+    a[np.flatnonzero(b == 0)[:60]] = 1  # A right on 60 more rows, never worse
+    better = compare_accuracy(a, b)
+    assert better.estimate == pytest.approx(60 / 500) and better.low > 0 and better.p_value < 0.001
+    assert better.verdict(higher_is_better=True) == "better"
+    worse = compare_accuracy(b, a)
+    assert worse.high < 0 and worse.verdict(higher_is_better=True) == "worse"
+
+
+def test_seeds_are_averaged_inside_a_resample():
+    rng = np.random.default_rng(3)
+    a_seeds, b = rng.integers(0, 2, (3, 200)), rng.integers(0, 2, 200)
+    result = compare_accuracy(a_seeds, b, n_resamples=500)
+    assert result.estimate == pytest.approx(a_seeds.mean() - b.mean())
+    # one seed repeated is the same configuration as that seed alone (same draws, same differences)
+    single = compare_accuracy(a_seeds[0], b, n_resamples=500, seed=7)
+    repeated = compare_accuracy(np.repeat(a_seeds[:1], 4, axis=0), b, n_resamples=500, seed=7)
+    assert (single.low, single.high, single.p_value) == pytest.approx((repeated.low, repeated.high,
+                                                                       repeated.p_value))
+    # seeds only add noise here: the interval of a seed-averaged A is no wider than the average of single seeds'
+    assert result.high - result.low < np.mean([
+        (lambda c: c.high - c.low)(compare_accuracy(row, b, n_resamples=500)) for row in a_seeds]) + 1e-9
+
+
+def test_tasks_are_averaged_with_equal_weight():
+    rng = np.random.default_rng(4)
+    a = {"x": rng.integers(0, 2, 100), "y": rng.integers(0, 2, 400)}
+    b = {"x": rng.integers(0, 2, 100), "y": rng.integers(0, 2, 400)}
+    result = compare_accuracy(a, b, n_resamples=300)
+    expected = np.mean([a[t].mean() - b[t].mean() for t in ("x", "y")])
+    assert result.estimate == pytest.approx(expected) and result.n_items == 500
+    with pytest.raises(LayerIFError, match="same tasks"):
+        compare_accuracy(a, {"x": b["x"]})
+
+
+def test_coverage_of_the_95_percent_interval():
+    """Over 300 simulated paired data sets with a known mean difference, the interval covers it ~95 % of the time."""
+    rng = np.random.default_rng(5)
+    true_difference, covered = 0.1, 0
+    trials = 300
+    for trial in range(trials):
+        shared = rng.normal(0, 1, 80)  # per-item difficulty, common to A and B
+        a = shared + true_difference + rng.normal(0, 0.5, 80)
+        b = shared + rng.normal(0, 0.5, 80)
+        result = compare_accuracy(a, b, n_resamples=1000, seed=trial)
+        covered += result.low <= true_difference <= result.high
+    assert 0.90 <= covered / trials <= 0.985
+
+
+def test_p_value_is_uniform_ish_under_the_null():
+    rng = np.random.default_rng(6)
+    p_values = []
+    for trial in range(200):
+        a, b = rng.normal(0, 1, 60), rng.normal(0, 1, 60)
+        p_values.append(compare_accuracy(a, b, n_resamples=1000, seed=trial).p_value)
+    rejected = np.mean(np.asarray(p_values) < 0.05)
+    assert 0.01 <= rejected <= 0.11  # nominal 5 %
+
+
+def test_bad_input_and_spread():
+    with pytest.raises(LayerIFError, match="same items"):
+        compare_accuracy([1, 0, 1], [1, 0])
+    with pytest.raises(LayerIFError, match="finite"):
+        compare_accuracy([1, math.nan], [1, 0])
+    with pytest.raises(LayerIFError, match="token"):
+        compare_log_perplexity([1.0, 2.0], [1.0, 2.0], [1.0, 0.0])
+    spread = seed_spread([1.0, 2.0, 3.0])
+    assert spread == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert seed_spread([5.0])["std"] == 0.0
