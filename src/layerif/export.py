@@ -115,7 +115,7 @@ def sparsity_map(ratios_path: str | Path, blocks_path: str | None = None) -> dic
         modules[name] = float(ratio)
     for name, ratio in modules.items():
         layer = _layer_of(name)
-        if layer is None or layer >= plan.n_blocks or abs(plan.block_ratios[layer] - ratio) > 1e-12:
+        if layer is None or layer >= len(plan.block_ratios) or abs(plan.block_ratios[layer] - ratio) > 1e-12:
             raise LayerIFError(f"{ratios_path}: matrix {name} does not match the per-block ratios")
     return {
         "allocation": plan.allocation,

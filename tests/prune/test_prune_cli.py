@@ -147,6 +147,6 @@ def test_allocate_sparsity_controls_without_model(setup):
     data = json.loads((out / "ratios.json").read_text())
     assert abs(_weighted_mean(data) - 0.6) < 1e-9 and np.all(np.diff(data["block_ratios"]) > 0)
     assert run_cli("allocate", "sparsity", "--scores", str(setup / "scores"), "--sparsity", "0.6", "--allocation",
-                   "random", "--seed", "3", "--out", str(out), "--quiet") == 0
+                   "random", "--seed", "3", "--out", str(out), "--overwrite", "--quiet") == 0
     data = json.loads((out / "ratios.json").read_text())
     assert data["allocation"] == "random" and data["arguments"]["seed"] == 3
