@@ -301,7 +301,9 @@ class Spill(Strategy):
         n_effective = self.sink.left_out.n_effective()
         ones = torch.ones(job.n_val, dtype=ctx.compute_dtype)
         with ctx.progress(len(layers), f"{job.estimator} from disk", unit="layer") as bar:
-            for layer in layers:
+            for number, layer in enumerate(layers):
+                if number + 1 < len(layers):
+                    store.prefetch(layers[number + 1])  # the disk reads the next layer while this one is scored
                 for position in [p for p, ref in enumerate(refs) if ref.layer == layer]:
                     ref = refs[position]
                     val = store.factors("val", layer, position, job.n_val, ref.d_in, ref.d_out, ctx.compute_dtype,
