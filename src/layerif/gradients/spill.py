@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from layerif.errors import LayerIFError
-from layerif.gradients.factors import MatrixFactors
+from layerif.gradients.factors import FactorChunk, MatrixFactors
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,9 @@ class SpillStore:
             self._sizes[key] += data.numel() * data.element_size()
         return _Block(offset, tuple(data.shape))
 
-    def write(self, part: str, layer: int, position: int, index: torch.Tensor, x: torch.Tensor,
-              delta: torch.Tensor, cache: dict) -> None:
+    def write(self, part: str, layer: int, position: int, chunk: FactorChunk, cache: dict) -> None:
         """Append one batch's factors of matrix `position`; `cache` is the pass's per-batch dict."""
+        index, x, delta = chunk.index, chunk.x, chunk.delta
         written = cache.setdefault("spilled_inputs", {})
         key = (part, layer, x.data_ptr(), tuple(x.shape), x.dtype)
         x_block = written.get(key)
@@ -203,12 +203,10 @@ class SpillStore:
             finally:
                 os.close(fd)
 
-    def factors(self, part: str, layer: int, position: int, n: int, d_in: int, d_out: int,
-                compute_dtype: torch.dtype, sq_norms: torch.Tensor) -> MatrixFactors:
-        """The spilled factors of one matrix as MatrixFactors (its chunks map from disk on use)."""
-        factors = MatrixFactors(n, d_in, d_out, compute_dtype, sq_norms=sq_norms)
-        factors.chunks = list(self._chunks.get((part, layer, position), []))
-        return factors
+    def factors(self, part: str, layer: int, position: int, empty: MatrixFactors) -> MatrixFactors:
+        """The spilled factors of one matrix: `empty` (its sizes and norms) given the chunks, which map from disk."""
+        empty.chunks = list(self._chunks.get((part, layer, position), []))
+        return empty
 
     def drop_layer(self, layer: int) -> None:
         """Delete one layer's files once it is scored (frees the disk as the run goes)."""

@@ -282,11 +282,11 @@ class Spill(Strategy):
             norms = _SquaredNorms(refs, self.job.n_train, self.ctx)
 
             def consume_val(position, batch, x, delta, cache):
-                store.write("val", refs[position].layer, position, batch.index, x, delta, cache)
+                store.write("val", refs[position].layer, position, FactorChunk(batch.index, x, delta), cache)
 
             def consume_train(position, batch, x, delta, cache):
                 norms.add(position, batch, x, delta, cache)
-                store.write("train", refs[position].layer, position, batch.index, x, delta, cache)
+                store.write("train", refs[position].layer, position, FactorChunk(batch.index, x, delta), cache)
 
             self.traverse("validation", refs, consume_val, "validation (spill to disk)")
             self.traverse("training", refs, consume_train, "training (spill to disk)")
@@ -306,11 +306,11 @@ class Spill(Strategy):
                     store.prefetch(layers[number + 1])  # the disk reads the next layer while this one is scored
                 for position in [p for p, ref in enumerate(refs) if ref.layer == layer]:
                     ref = refs[position]
-                    val = store.factors("val", layer, position, job.n_val, ref.d_in, ref.d_out, ctx.compute_dtype,
-                                        torch.zeros(job.n_val, dtype=torch.float64))
+                    val = store.factors("val", layer, position,
+                                        MatrixFactors(job.n_val, ref.d_in, ref.d_out, ctx.compute_dtype))
                     v = ctx.dist.all_reduce_sum(val.weighted_sum(ones).to(ctx.device))
-                    train = store.factors("train", layer, position, job.n_train, ref.d_in, ref.d_out,
-                                          ctx.compute_dtype, sq[position])
+                    train = store.factors("train", layer, position, MatrixFactors(
+                        job.n_train, ref.d_in, ref.d_out, ctx.compute_dtype, sq_norms=sq[position]))
                     each = _each_gradient(val) if job.pairwise else None
                     self.score_matrix(ref, MatrixInputs(train, v, each, n_effective))
                 store.drop_layer(layer)
