@@ -73,5 +73,5 @@ def test_callable_loss_is_used_for_train_and_val(tokenizer):
 
 
 def test_unknown_loss_is_a_clear_error(tokenizer):
-    with pytest.raises(LayerIFError, match="--loss must be one of tokens, answer"):
+    with pytest.raises(LayerIFError, match="--loss must be tokens or answer"):
         score_layers(tiny_llama(layers=1), tokenizer, ["alpha beta"], ["beta gamma"], ScoreConfig(loss="words"))
