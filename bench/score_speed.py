@@ -30,13 +30,13 @@ DATA = REPO.parent / "shared" / "data" / "moe" / "mrpc"
 RESULTS = REPO / "bench" / "results"
 
 
-def run_layerif(n_train: int, n_val: int, batch_size: int) -> dict:
+def run_layerif(n_train: int, n_val: int, batch_size: int, strategy: str = "auto") -> dict:
     """(a): the CLI in a fresh process, as a user runs it."""
     out = Path(tempfile.mkdtemp(prefix="layerif-bench-")) / "run"
     command = [sys.executable, "-m", "layerif", "score", "--model", "smollm2-135m",
                "--train", str(DATA / "train.jsonl"), "--val", str(DATA / "validation.jsonl"),
                "--n-train", str(n_train), "--n-val", str(n_val), "--batch-size", str(batch_size),
-               "--out", str(out), "--quiet"]
+               "--strategy", strategy, "--out", str(out), "--quiet"]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     wall = time.perf_counter() - started
@@ -71,6 +71,7 @@ def main() -> None:
                         help="(b): time on this many training rows and scale linearly to --n-train")
     parser.add_argument("--baseline-val", type=int, default=None,
                         help="(b): time on this many validation rows and scale linearly to --n-val")
+    parser.add_argument("--strategy", default="auto", help="(a): --strategy of layerif score (auto, store, spill, stream)")
     parser.add_argument("--tag", default="", help="suffix for the result files")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -81,7 +82,7 @@ def main() -> None:
 
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     print("(a) layerif score ...", flush=True)
-    a = run_layerif(args.n_train, args.n_val, args.batch_size)
+    a = run_layerif(args.n_train, args.n_val, args.batch_size, args.strategy)
     print(f"    {a['wall_s']:.1f} s, {a['passes']} pass(es), plan {a['plan']['mode']}", flush=True)
 
     loaded = load_model("smollm2-135m", quiet=True)

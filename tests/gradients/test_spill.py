@@ -28,7 +28,7 @@ def test_spilled_factors_equal_in_memory_factors(tmp_path, dtype):
         cache: dict = {}
         for position, d_out in enumerate((3, 4)):  # both matrices read the same x, like q and k
             delta = torch.randn(len(index), 6, d_out, generator=generator).to(dtype)
-            store.write("train", 0, position, index, x, delta, cache)
+            store.write("train", 0, position, FactorChunk(index, x, delta), cache)
             in_memory[position].add(FactorChunk(index, x, delta), chunk_sq_norms(x.float(), delta.float()))
     store.finish_writing()
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -36,7 +36,8 @@ def test_spilled_factors_equal_in_memory_factors(tmp_path, dtype):
     assert store.path("train", 0).stat().st_size == 7 * 6 * (5 + 3 + 4) * itemsize
     weights = torch.randn(7, generator=generator, dtype=torch.float64)
     for position, d_out in enumerate((3, 4)):
-        spilled = store.factors("train", 0, position, 7, 5, d_out, torch.float32, in_memory[position].sq_norms)
+        spilled = store.factors("train", 0, position,
+                                MatrixFactors(7, 5, d_out, torch.float32, sq_norms=in_memory[position].sq_norms))
         matrix = torch.randn(d_out, 5, generator=generator)
         torch.testing.assert_close(spilled.dots(matrix), in_memory[position].dots(matrix), rtol=0, atol=0)
         torch.testing.assert_close(spilled.weighted_sum(weights), in_memory[position].weighted_sum(weights),

@@ -11,16 +11,22 @@ from layerif.models.blocks import select_matrices, weight_of
 from tests.conftest import tiny_llama, tiny_texts
 
 
-def naive_gradients(model, tokenizer, texts, refs):
-    """Per-sample gradients in float64, one sample at a time: {matrix position: (n, d_out*d_in)}."""
+def naive_gradients(model, tokenizer, texts, refs, loss_starts=None):
+    """Per-sample gradients in float64, one sample at a time: {matrix position: (n, d_out*d_in)}.
+
+    With `loss_starts`, sample i's loss counts only the tokens from position loss_starts[i] on.
+    """
     model = model.double()
     encoded = encode_texts(texts, tokenizer, 128)
     per_matrix = {position: [] for position in range(len(refs))}
-    for ids in encoded.input_ids:
+    for number, ids in enumerate(encoded.input_ids):
         model.zero_grad(set_to_none=True)
         ids = ids.unsqueeze(0)
+        labels = ids.clone()
+        if loss_starts is not None:
+            labels[:, : loss_starts[number]] = -100
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        per_sample_loss(logits, ids).sum().backward()
+        per_sample_loss(logits, labels).sum().backward()
         for position, ref in enumerate(refs):
             grad = ref.module.weight.grad
             per_matrix[position].append((grad.t() if ref.transposed else grad).reshape(-1).clone())

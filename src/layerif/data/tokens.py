@@ -1,7 +1,13 @@
-"""Tokenise texts (truncated) and pack them into right-padded batches whose padding never enters a loss."""
+"""Tokenise texts (truncated), pack them into right-padded batches, and the per-sample training losses.
+
+Padding never enters a loss. A loss is a callable `loss(logits (B, T, V), batch) -> (B,)` giving each sample's
+loss; the built-in ones are `tokens` (mean next-token cross-entropy over every real token) and `answer` (the
+same mean over the tokens of the row's `output` only, for instruction rows).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +21,7 @@ class EncodedSet:
     """Token ids of each sample (no padding), in dataset order."""
 
     input_ids: list[torch.Tensor]
+    answer_starts: list[int] | None = None  # position of each sample's first answer token (loss="answer")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -26,15 +33,27 @@ class EncodedSet:
 
 @dataclass
 class Batch:
-    """A right-padded batch; `labels` is -100 on padding and `index` gives each row's sample number."""
+    """A right-padded batch; `labels` is -100 on padding and `index` gives each row's sample number.
+
+    `answer_start` (B,) is the position of each row's first answer token when the rows were encoded with
+    their prompt / answer split (None otherwise).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
+    answer_start: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)), self.index)
+        moved = (t.to(device) for t in (self.input_ids, self.attention_mask, self.labels))
+        start = None if self.answer_start is None else self.answer_start.to(device)
+        return Batch(*moved, self.index, start)
+
+    def rows(self, keep: slice | torch.Tensor) -> Batch:
+        """The batch restricted to some rows (a slice or a row index tensor)."""
+        start = None if self.answer_start is None else self.answer_start[keep]
+        return Batch(self.input_ids[keep], self.attention_mask[keep], self.labels[keep], self.index[keep], start)
 
 
 def encode_texts(texts: list[str], tokenizer, max_length: int = 128, what: str = "sample") -> EncodedSet:
@@ -51,6 +70,24 @@ def encode_texts(texts: list[str], tokenizer, max_length: int = 128, what: str =
     return EncodedSet(ids)
 
 
+def encode_answers(prompts: list[str], texts: list[str], tokenizer, max_length: int = 128,
+                   what: str = "sample") -> EncodedSet:
+    """Tokenise prompt + answer texts; the answer span is every token after the tokenised prompt.
+
+    A sample whose answer has no token left after truncation to max_length is a LayerIFError naming it.
+    """
+    encoded = encode_texts(texts, tokenizer, max_length, what)
+    prompt_ids = tokenizer(prompts, truncation=False, add_special_tokens=True)["input_ids"]
+    starts = [len(ids) for ids in prompt_ids]
+    for position, (ids, start) in enumerate(zip(encoded.input_ids, starts)):
+        if len(ids) <= start:
+            raise LayerIFError(
+                f"{what} {position} has no answer token left after truncation to {max_length} tokens (its prompt "
+                f"takes {start}); raise --max-length or shorten the prompt"
+            )
+    return EncodedSet(encoded.input_ids, starts)
+
+
 def make_batches(encoded: EncodedSet, batch_size: int, pad_token_id: int) -> list[Batch]:
     """Split samples into right-padded batches in order (sample order is preserved)."""
     if batch_size < 1:
@@ -62,7 +99,10 @@ def make_batches(encoded: EncodedSet, batch_size: int, pad_token_id: int) -> lis
         attention_mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True, padding_value=0)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         index = torch.arange(first, first + len(rows))
-        batches.append(Batch(input_ids, attention_mask, labels, index))
+        answer_start = None
+        if encoded.answer_starts is not None:
+            answer_start = torch.tensor(encoded.answer_starts[first : first + batch_size], dtype=torch.long)
+        batches.append(Batch(input_ids, attention_mask, labels, index, answer_start))
     return batches
 
 
@@ -78,3 +118,32 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ).view(shift_labels.shape)
     counts = (shift_labels != -100).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
+
+
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+def token_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """loss="tokens": mean next-token cross-entropy over every real token of each sample -> (B,)."""
+    return per_sample_loss(logits, batch.labels)
+
+
+def answer_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """loss="answer": mean next-token cross-entropy over each sample's answer tokens only -> (B,)."""
+    if batch.answer_start is None:
+        raise LayerIFError("the answer loss needs rows encoded with their prompt / answer split")
+    positions = torch.arange(batch.labels.shape[1], device=batch.labels.device)
+    prompt = positions.unsqueeze(0) < batch.answer_start.to(batch.labels.device).unsqueeze(1)
+    return per_sample_loss(logits, batch.labels.masked_fill(prompt, -100))
+
+
+LOSSES: dict[str, LossFn] = {"tokens": token_loss, "answer": answer_loss}
+
+
+def resolve_loss(loss: str | LossFn) -> LossFn:
+    """The loss function for a config value: a built-in name or a callable(logits, batch) -> (B,)."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise LayerIFError(f"--loss must be one of {', '.join(LOSSES)} (or a callable in the API), got {loss!r}")
+    return LOSSES[loss]

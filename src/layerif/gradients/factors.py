@@ -23,6 +23,14 @@ class FactorChunk:
     delta: torch.Tensor
 
 
+def device_index(batch, cache: dict, device: torch.device) -> torch.Tensor:
+    """A batch's sample numbers on `device`, copied once per batch (`cache` is the pass's per-batch dict)."""
+    index = cache.get("device_index")
+    if index is None:
+        index = cache["device_index"] = batch.index.to(device)
+    return index
+
+
 def chunk_sq_norms(x: torch.Tensor, delta: torch.Tensor, x_gram: torch.Tensor | None = None) -> torch.Tensor:
     """||g_i||^2 of each sample of a batch, by whichever of Gram or materialised form is cheaper."""
     batch, tokens, d_in = x.shape

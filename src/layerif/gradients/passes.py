@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from layerif.data.tokens import Batch, per_sample_loss
 from layerif.errors import LayerIFError
+from layerif.gradients.context import RunContext
 from layerif.models.blocks import MatrixRef, find_blocks
 
 # consumer(position of the matrix in `refs`, batch, x (B,T,d_in), delta (B,T,d_out), per-batch cache)
@@ -17,12 +20,6 @@ Consumer = Callable[[int, Batch, torch.Tensor, torch.Tensor, dict], None]
 
 class NonFiniteGradient(LayerIFError):
     """A sample produced a NaN or infinite loss or gradient."""
-
-
-def _progress(total: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="sample", disable=quiet, dynamic_ncols=True, leave=False)
 
 
 def _start_graph(module, args, kwargs):
@@ -85,143 +82,146 @@ def measure_pass(model: nn.Module, batch: Batch) -> tuple[int, float]:
     return int(sum(saved.values()) * _BACKWARD_OVERHEAD + 3 * logits_bytes), seconds
 
 
-def _consume_without_bad_rows(state: dict, batch: Batch, consume: Consumer, skipped: dict[int, str]) -> None:
-    """Hand a batch's held factors to the consumer with the rows of non-finite samples set to zero."""
-    bad_rows = sorted(state["bad_rows"])
-    keep = None
-    if bad_rows:
-        keep = torch.ones(len(batch.index), dtype=torch.bool)
-        keep[bad_rows] = False
-    for position, x, delta in state["pending"]:
-        if keep is not None:
-            mask = keep.to(x.device).view(-1, *([1] * (x.dim() - 1)))
-            x, delta = torch.where(mask, x, torch.zeros_like(x)), torch.where(mask, delta, torch.zeros_like(delta))
-        consume(position, batch, x, delta, state["cache"])
-    state["pending"] = []
-    for row in bad_rows:
-        skipped.setdefault(int(batch.index[row]), state["bad_rows"][row])
+@dataclass(frozen=True)
+class PassSpec:
+    """One traversal of a sample set: its progress label, whose samples, and where the backward stops."""
+
+    desc: str
+    what: str = "training"  # names samples in messages: "training sample 3"
+    first_layer: int = 0  # the backward stops at this block's input
+    skipped: dict[int, str] | None = None  # with the skip policy: left-out sample -> where it went non-finite
+
+
+class _BatchWatch:
+    """The hooks of one pass and the state of the batch in flight.
+
+    Non-finite checks stay on the device (a `torch.where` per block and per matrix) and are read back once
+    per batch, after its backward: one host sync per batch, not per matrix.
+    """
+
+    def __init__(self, refs: Sequence[MatrixRef], consume: Consumer, spec: PassSpec):
+        self.refs, self.consume, self.spec = refs, consume, spec
+        self.holding = spec.skipped is not None  # skip policy: hold factors until the batch is known clean
+
+    def start(self, batch: Batch, device: torch.device) -> None:
+        """Reset the per-batch state before `batch`'s forward."""
+        self.batch, self.cache = batch, {}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.fired: list[int] = []  # matrix positions in the order their gradients arrived (top layer first)
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        rows = len(batch.index)
+        self.first_bad_block = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.first_bad_gradient = torch.full((rows,), -1, dtype=torch.long, device=device)
+
+    def on_forward(self, position: int, module, args, output) -> None:
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        self.inputs[position] = args[0].detach()
+        output.register_hook(partial(self.on_gradient, position))
+
+    def on_gradient(self, position: int, grad: torch.Tensor) -> None:
+        delta = grad.detach()
+        bad = ~torch.isfinite(delta).flatten(1).all(dim=1)
+        order = len(self.fired)
+        self.fired.append(position)
+        self.first_bad_gradient = torch.where(bad & (self.first_bad_gradient < 0), order, self.first_bad_gradient)
+        x = self.inputs.pop(position)
+        if self.holding:
+            self.pending.append((position, x, delta))
+        else:  # consumed during the backward; a non-finite batch raises at its end
+            self.consume(position, self.batch, x, delta, self.cache)
+
+    def on_block(self, layer: int, module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        bad = ~torch.isfinite(hidden.detach()).flatten(1).all(dim=1)
+        self.first_bad_block = torch.where(bad & (self.first_bad_block < 0), layer, self.first_bad_block)
+
+    def _name(self, row: int) -> str:
+        return f"{self.spec.what} sample {int(self.batch.index[row])}"
+
+    def finish(self, loss_bad: torch.Tensor, device: torch.device) -> None:
+        """After the backward: one sync for every check, then left-out rows, then zeros for unreached matrices."""
+        flags = torch.stack([loss_bad.long(), self.first_bad_block, self.first_bad_gradient]).cpu()
+        reasons: dict[int, str] = {}
+        for row in flags[0].nonzero().flatten().tolist():
+            block = int(flags[1, row])
+            where = f" (first non-finite activations at the output of layer {block})" if block >= 0 else ""
+            if not self.holding:
+                raise NonFiniteGradient(f"non-finite loss for {self._name(row)}{where}")
+            reasons[row] = f"loss{where}"
+        bad_gradient = flags[2]
+        if not self.holding and bool((bad_gradient >= 0).any()):
+            first = int(bad_gradient[bad_gradient >= 0].min())
+            row = int((bad_gradient == first).nonzero()[0, 0])
+            ref = self.refs[self.fired[first]]
+            raise NonFiniteGradient(f"non-finite gradient for {self._name(row)} in layer {ref.layer} ({ref.name})")
+        for row in (bad_gradient >= 0).nonzero().flatten().tolist():
+            ref = self.refs[self.fired[int(bad_gradient[row])]]
+            reasons.setdefault(row, f"gradient in layer {ref.layer} ({ref.name})")
+        self._release(reasons)
+        fired = set(self.fired)
+        for position, ref in enumerate(self.refs):
+            if position not in fired:  # a matrix the loss does not reach: zero gradient
+                x = self.inputs.pop(position, None)
+                if x is None:
+                    x = torch.zeros((*self.batch.input_ids.shape, ref.d_in), device=device, dtype=ref.module.weight.dtype)
+                delta = torch.zeros((*x.shape[:-1], ref.d_out), device=device, dtype=x.dtype)
+                self.consume(position, self.batch, x, delta, self.cache)
+
+    def _release(self, reasons: dict[int, str]) -> None:
+        """Hand held factors to the consumer, rows of left-out samples set to zero."""
+        keep = None
+        if reasons:
+            keep = torch.ones(len(self.batch.index), dtype=torch.bool)
+            keep[sorted(reasons)] = False
+        for position, x, delta in self.pending:
+            if keep is not None:
+                mask = keep.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+                x, delta = torch.where(mask, x, torch.zeros_like(x)), torch.where(mask, delta, torch.zeros_like(delta))
+            self.consume(position, self.batch, x, delta, self.cache)
+        self.pending = []
+        for row, reason in sorted(reasons.items()):
+            self.spec.skipped.setdefault(int(self.batch.index[row]), reason)
 
 
 def run_pass(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    refs: Sequence[MatrixRef],
-    consume: Consumer,
-    first_layer: int = 0,
-    desc: str = "pass",
-    quiet: bool = False,
-    sample_names: Callable[[int], str] | None = None,
-    skipped: dict[int, str] | None = None,
+    model: nn.Module, batches: Sequence[Batch], refs: Sequence[MatrixRef], consume: Consumer, ctx: RunContext,
+    spec: PassSpec,
 ) -> None:
-    """Forward+backward every batch once; backward stops at block `first_layer`'s input.
+    """Forward+backward every batch once, handing each matrix's factors to `consume`.
 
     Model weights are frozen for the pass, so autograd computes no weight gradients at all: the
-    per-sample quantities are computed from the captured factors by `consume` instead.
-    A sample whose loss or gradient is not finite raises NonFiniteGradient; with `skipped` given it is
-    left out instead: its factors reach `consume` as zeros and skipped[sample] says where it went bad.
-    (Then a batch's factors are held until its backward ends, since a bad gradient can appear late.)
+    per-sample quantities are computed from the captured factors by `consume` instead. The loss is
+    `ctx.loss`. A sample whose loss or gradient is not finite raises NonFiniteGradient; with
+    `spec.skipped` given it is left out instead: its factors reach `consume` as zeros and
+    skipped[sample] says where it went bad (then a batch's factors are held until its backward ends,
+    since a bad gradient can appear late).
     """
     _, blocks = find_blocks(model)
-    device = next(model.parameters()).device
     saved_flags = [(param, param.requires_grad) for param in model.parameters()]
     for param, _ in saved_flags:
         param.requires_grad_(False)
-
-    inputs: dict[int, torch.Tensor] = {}
-    fired: set[int] = set()
-    state: dict = {"batch": None, "cache": {}}
-    handles = []
-
-    def make_forward_hook(position: int):
-        def hook(module, args, output):
-            if not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            inputs[position] = args[0].detach()
-
-            def grad_hook(grad):
-                batch = state["batch"]
-                delta = grad.detach()
-                bad = ~torch.isfinite(delta).all(dim=tuple(range(1, delta.dim())))
-                ref = refs[position]
-                if skipped is not None:
-                    # hooks fire from the top layer down: the first note is where the sample went bad
-                    for row in bad.nonzero().flatten().tolist():
-                        state["bad_rows"].setdefault(row, f"gradient in layer {ref.layer} ({ref.name})")
-                    fired.add(position)
-                    state["pending"].append((position, inputs.pop(position), delta))
-                    return
-                if bool(bad.any()):
-                    sample = int(batch.index[bad.nonzero()[0, 0]])
-                    name = sample_names(sample) if sample_names else f"sample {sample}"
-                    raise NonFiniteGradient(f"non-finite gradient for {name} in layer {ref.layer} ({ref.name})")
-                fired.add(position)
-                consume(position, batch, inputs.pop(position), delta, state["cache"])
-
-            output.register_hook(grad_hook)
-
-        return hook
-
-    def make_block_check(layer: int):
-        def check(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            finite = torch.isfinite(hidden.detach()).flatten(1).all(dim=1)
-            if not bool(finite.all()):
-                first_bad = state["first_bad_layer"]
-                newly = (~finite).cpu() & (first_bad < 0)
-                first_bad[newly] = layer
-
-        return check
-
+    watch = _BatchWatch(refs, consume, spec)
+    handles = [ref.module.register_forward_hook(partial(watch.on_forward, position))
+               for position, ref in enumerate(refs)]
+    handles.append(blocks[spec.first_layer].register_forward_pre_hook(_start_graph, with_kwargs=True))
+    handles.extend(block.register_forward_hook(partial(watch.on_block, layer)) for layer, block in enumerate(blocks))
     try:
-        for position, ref in enumerate(refs):
-            handles.append(ref.module.register_forward_hook(make_forward_hook(position)))
-        handles.append(blocks[first_layer].register_forward_pre_hook(_start_graph, with_kwargs=True))
-        for layer, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(make_block_check(layer)))
-        with _progress(sum(len(batch.index) for batch in batches), desc, quiet) as bar:
+        with ctx.progress(sum(len(batch.index) for batch in batches), spec.desc) as bar:
             for batch in batches:
-                on_device = batch.to(device)
-                state["batch"], state["cache"] = batch, {}
-                state["first_bad_layer"] = torch.full((len(batch.index),), -1)
-                state["bad_rows"], state["pending"] = {}, []
-                inputs.clear()
-                fired.clear()
+                on_device = batch.to(ctx.device)
+                watch.start(batch, ctx.device)
                 with torch.enable_grad():
-                    logits = model(
-                        input_ids=on_device.input_ids, attention_mask=on_device.attention_mask, use_cache=False
-                    ).logits
-                    losses = per_sample_loss(logits, on_device.labels)
-                    bad = ~torch.isfinite(losses)
-                    if bool(bad.any()):
-                        rows = bad.nonzero().flatten().tolist()
-                        if skipped is None:
-                            rows = rows[:1]
-                        for row in rows:
-                            sample = int(batch.index[row])
-                            name = sample_names(sample) if sample_names else f"sample {sample}"
-                            layer = int(state["first_bad_layer"][row])
-                            where = f" (first non-finite activations at the output of layer {layer})" if layer >= 0 else ""
-                            if skipped is None:
-                                raise NonFiniteGradient(f"non-finite loss for {name}{where}")
-                            state["bad_rows"][row] = f"loss{where}"
-                        losses = torch.where(bad, torch.zeros_like(losses), losses)
+                    logits = model(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask,
+                                   use_cache=False).logits
+                    losses = ctx.loss(logits, on_device)
                     del logits
-                    losses.sum().backward()
-                if skipped is not None:
-                    _consume_without_bad_rows(state, batch, consume, skipped)
-                for position in range(len(refs)):
-                    if position not in fired:  # a matrix the loss does not reach: zero gradient
-                        x = inputs.pop(position, None)
-                        ref = refs[position]
-                        if x is None:
-                            shape = (*on_device.input_ids.shape, ref.d_in)
-                            x = torch.zeros(shape, device=device, dtype=ref.module.weight.dtype)
-                        delta = torch.zeros((*x.shape[:-1], ref.d_out), device=device, dtype=x.dtype)
-                        consume(position, batch, x, delta, state["cache"])
+                    loss_bad = ~torch.isfinite(losses)
+                    torch.where(loss_bad, torch.zeros_like(losses), losses).sum().backward()
+                watch.finish(loss_bad, ctx.device)
                 bar.update(len(batch.index))
     finally:
         for handle in handles:
             handle.remove()
         for param, flag in saved_flags:
             param.requires_grad_(flag)
-        inputs.clear()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from layerif.errors import LayerIFError
-from layerif.gradients.factors import MatrixFactors
+from layerif.gradients.factors import FactorChunk, MatrixFactors
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,63 @@ class SpilledChunk:
         return self._map(self.delta_block)
 
 
+class _BackgroundWriter:
+    """Appends byte blocks to open files on one thread, so disk writes overlap the passes' compute.
+
+    At most `max_pending` bytes wait in the queue (the caller blocks beyond that); the first write error is
+    kept and raised by `check` / `finish` in the caller's thread.
+    """
+
+    def __init__(self, max_pending: int = 128 << 20):
+        self.max_pending = max_pending
+        self.pending = 0
+        self.queue: deque = deque()
+        self.error: OSError | None = None
+        self.closed = False
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="layerif-spill-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, handle, data: torch.Tensor) -> None:
+        """Queue `data` (kept alive until written) for appending to `handle`."""
+        nbytes = data.numel() * data.element_size()
+        with self.condition:
+            while self.pending and self.pending + nbytes > self.max_pending and self.error is None:
+                self.condition.wait()
+            self.queue.append((handle, data))
+            self.pending += nbytes
+            self.condition.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not self.queue and not self.closed:
+                    self.condition.wait()
+                if not self.queue:
+                    return
+                handle, data = self.queue.popleft()
+            try:
+                if self.error is None:
+                    handle.write(data.view(torch.uint8).numpy().data)
+            except OSError as exc:
+                self.error = exc
+            with self.condition:
+                self.pending -= data.numel() * data.element_size()
+                self.condition.notify_all()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        """Write everything queued and stop the thread."""
+        with self.condition:
+            self.closed = True
+            self.condition.notify_all()
+        self.thread.join()
+        self.check()
+
+
 class SpillStore:
     """Append-only per-layer factor files under `directory` (removed by `close`)."""
 
@@ -71,29 +130,40 @@ class SpillStore:
                                f"{exc.strerror or exc}") from None
         self.prefix = prefix
         self._files: dict[tuple[str, int], object] = {}
+        self._sizes: dict[tuple[str, int], int] = {}
         self._chunks: dict[tuple[str, int, int], list[SpilledChunk]] = {}
+        self._writer: _BackgroundWriter | None = None
 
     def path(self, part: str, layer: int) -> Path:
         return self.directory / f"{self.prefix}-{part}-{layer:04d}.bin"
 
+    def _write_failed(self, exc: OSError) -> LayerIFError:
+        return LayerIFError(f"writing spilled gradients to {self.directory} failed: {exc.strerror or exc} "
+                            "(free some disk, or pick another place with --spill-dir)")
+
     def _append(self, part: str, layer: int, tensor: torch.Tensor) -> _Block:
-        handle = self._files.get((part, layer))
+        key = (part, layer)
+        handle = self._files.get(key)
         if handle is None:
             handle = open(self.path(part, layer), "ab")  # noqa: SIM115 - kept open for the whole pass
-            self._files[(part, layer)] = handle
-        offset = handle.tell()
+            self._files[key] = handle
+            self._sizes.setdefault(key, 0)
+        if self._writer is None:
+            self._writer = _BackgroundWriter()
+        offset = self._sizes[key]
         data = tensor.detach().contiguous()
         if data.numel():
             try:
-                handle.write(data.cpu().view(torch.uint8).numpy().data)
+                self._writer.check()
             except OSError as exc:
-                raise LayerIFError(f"writing spilled gradients to {self.directory} failed: {exc.strerror or exc} "
-                                   "(free some disk, or pick another place with --spill-dir)") from None
+                raise self._write_failed(exc) from None
+            self._writer.put(handle, data.cpu())
+            self._sizes[key] += data.numel() * data.element_size()
         return _Block(offset, tuple(data.shape))
 
-    def write(self, part: str, layer: int, position: int, index: torch.Tensor, x: torch.Tensor,
-              delta: torch.Tensor, cache: dict) -> None:
+    def write(self, part: str, layer: int, position: int, chunk: FactorChunk, cache: dict) -> None:
         """Append one batch's factors of matrix `position`; `cache` is the pass's per-batch dict."""
+        index, x, delta = chunk.index, chunk.x, chunk.delta
         written = cache.setdefault("spilled_inputs", {})
         key = (part, layer, x.data_ptr(), tuple(x.shape), x.dtype)
         x_block = written.get(key)
@@ -104,17 +174,39 @@ class SpillStore:
         self._chunks.setdefault((part, layer, position), []).append(chunk)
 
     def finish_writing(self) -> None:
-        """Flush and close every file (call after the pass, before reading)."""
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        """Write what is queued, then flush and close every file (call after the pass, before reading)."""
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.finish()
+            for handle in self._files.values():
+                handle.close()
+        except OSError as exc:
+            raise self._write_failed(exc) from None
+        finally:
+            for handle in self._files.values():
+                if not handle.closed:
+                    handle.close()
+            self._files.clear()
 
-    def factors(self, part: str, layer: int, position: int, n: int, d_in: int, d_out: int,
-                compute_dtype: torch.dtype, sq_norms: torch.Tensor) -> MatrixFactors:
-        """The spilled factors of one matrix as MatrixFactors (its chunks map from disk on use)."""
-        factors = MatrixFactors(n, d_in, d_out, compute_dtype, sq_norms=sq_norms)
-        factors.chunks = list(self._chunks.get((part, layer, position), []))
-        return factors
+    def prefetch(self, layer: int) -> None:
+        """Ask the kernel to start reading one layer's files ahead of their use (where supported)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for part in ("val", "train"):
+            try:
+                fd = os.open(self.path(part, layer), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def factors(self, part: str, layer: int, position: int, empty: MatrixFactors) -> MatrixFactors:
+        """The spilled factors of one matrix: `empty` (its sizes and norms) given the chunks, which map from disk."""
+        empty.chunks = list(self._chunks.get((part, layer, position), []))
+        return empty
 
     def drop_layer(self, layer: int) -> None:
         """Delete one layer's files once it is scored (frees the disk as the run goes)."""
@@ -125,7 +217,10 @@ class SpillStore:
 
     def close(self) -> None:
         """Remove every file of this store."""
-        self.finish_writing()
+        try:
+            self.finish_writing()
+        except LayerIFError:
+            pass  # already reported by the pass that wrote; removing the files is all that is left
         self._chunks.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -1,4 +1,10 @@
-"""Run the passes a plan asks for and return each matrix's influence on each training sample."""
+"""Run the passes a plan asks for and return each matrix's influence on each training sample.
+
+Three strategies share one interface (`Strategy.run(plan) -> training passes`) and write into one
+`ResultSink`: `Store` keeps factors in memory per layer group, `Spill` writes them to disk in one pass and
+scores layer by layer from the files, `Stream` keeps weight-sized sums only (three passes for DataInf).
+Store and Spill hand every matrix to the same estimator step (`influence_from_factors`).
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,34 @@ from torch import nn
 
 from layerif.checkpoint import Checkpoint
 from layerif.data.tokens import Batch
-from layerif.distributed import DistContext
 from layerif.errors import LayerIFError
-from layerif.gradients.factors import FactorChunk, MatrixFactors, chunk_sq_norms, chunk_weighted_sum
-from layerif.gradients.passes import run_pass
+from layerif.gradients.context import RunContext
+from layerif.gradients.factors import (
+    FactorChunk,
+    MatrixFactors,
+    chunk_sq_norms,
+    chunk_weighted_sum,
+    device_index,
+)
+from layerif.gradients.passes import PassSpec, run_pass
 from layerif.gradients.plan import PassPlan
-from layerif.influence.estimators import influence_from_factors
+from layerif.influence.estimators import MatrixInfluence, MatrixInputs, influence_from_factors
 from layerif.influence.streaming import StreamingInfluence
 from layerif.models.blocks import MatrixRef
+
+
+@dataclass
+class ScoringJob:
+    """What one run scores: the model, its selected matrices per layer, this rank's batches, the method."""
+
+    model: nn.Module
+    per_layer: Sequence[Sequence[MatrixRef]]
+    train_batches: Sequence[Batch]
+    val_batches: Sequence[Batch]
+    n_train: int  # training samples over every rank
+    n_val: int
+    estimator: str = "datainf"
+    pairwise: bool = False
 
 
 @dataclass
@@ -33,12 +59,12 @@ class InfluenceResult:
 
 
 class LeftOut:
-    """Samples left out of a run because their loss or gradient is not finite (only with skip_nonfinite)."""
+    """Samples left out of a run because their loss or gradient is not finite (only with the skip policy)."""
 
-    def __init__(self, enabled: bool, n_train: int, dist: DistContext):
-        self.enabled = enabled
+    def __init__(self, n_train: int, ctx: RunContext):
+        self.enabled = ctx.skip_nonfinite
         self.n_train = n_train
-        self.dist = dist
+        self.dist = ctx.dist
         self.train: dict[int, str] = {}
         self.val: dict[int, str] = {}
         self.from_checkpoint = torch.zeros(n_train, dtype=torch.bool)
@@ -46,6 +72,11 @@ class LeftOut:
     def first_layer(self, layer: int) -> int:
         """Backward start: every pass goes down to block 0 when skipping, so all passes leave out the same samples."""
         return 0 if self.enabled else layer
+
+    def spec(self, desc: str, what: str, layers: Sequence[int]) -> PassSpec:
+        """The pass over the `what` ("training" / "validation") samples for matrices of `layers`."""
+        skipped = (self.train if what == "training" else self.val) if self.enabled else None
+        return PassSpec(desc, what, self.first_layer(min(layers)), skipped)
 
     def mask(self) -> torch.Tensor:
         """(n_train,) bool: left out on any rank or in a checkpointed unit. Collective when distributed."""
@@ -64,6 +95,119 @@ class LeftOut:
         return n
 
 
+class ResultSink:
+    """Where every strategy writes: influence and damping per matrix, pairwise per layer, left-out samples.
+
+    Finished layers (and finished streaming passes) are saved to the checkpoint; saved ones are loaded back.
+    """
+
+    def __init__(self, job: ScoringJob, ctx: RunContext, checkpoint: Checkpoint | None = None):
+        self.checkpoint = checkpoint
+        self.influence: list[list[torch.Tensor | None]] = [[None] * len(refs) for refs in job.per_layer]
+        self.damping: list[list[float]] = [[0.0] * len(refs) for refs in job.per_layer]
+        self.pair: list[torch.Tensor | None] | None = [None] * len(job.per_layer) if job.pairwise else None
+        self.slot_of = {(ref.layer, ref.name): slot for refs in job.per_layer for slot, ref in enumerate(refs)}
+        self.left_out = LeftOut(job.n_train, ctx)
+
+    def load_unit(self, name: str) -> dict | None:
+        """A saved checkpoint unit (None when absent); its left-out samples join this run's."""
+        if self.checkpoint is None or not self.checkpoint.has(name):
+            return None
+        saved = self.checkpoint.load(name)
+        if "left_out" in saved:
+            self.left_out.from_checkpoint |= saved["left_out"].bool()
+        return saved
+
+    def save_unit(self, name: str, tensors: dict) -> None:
+        """Save a finished unit (with the samples left out so far) when checkpointing."""
+        if self.checkpoint is None:
+            return
+        if self.left_out.enabled:
+            tensors = {**tensors, "left_out": self.left_out.mask().to(torch.uint8)}
+        self.checkpoint.save(name, tensors)
+
+    def load_layers(self, planned: set[int]) -> None:
+        """Fill every layer the plan leaves out from the checkpoint."""
+        for layer in range(len(self.influence)):
+            if layer in planned:
+                continue
+            saved = self.load_unit(layer_unit(layer))
+            if saved is None:
+                raise RuntimeError(f"layer {layer} is neither planned nor checkpointed")
+            self.influence[layer] = list(saved["influence"].double().unbind(0))
+            self.damping[layer] = saved["damping"].double().tolist()
+            if self.pair is not None:
+                self.pair[layer] = saved["pairwise"].double()
+
+    def put(self, ref: MatrixRef, result: MatrixInfluence) -> None:
+        """Record one matrix's influence, damping and (summed into its layer's) pairwise matrix."""
+        slot = self.slot_of[(ref.layer, ref.name)]
+        self.influence[ref.layer][slot] = result.values
+        self.damping[ref.layer][slot] = result.damping
+        if self.pair is not None and result.pairwise is not None:
+            held = self.pair[ref.layer]
+            self.pair[ref.layer] = result.pairwise if held is None else held + result.pairwise
+
+    def finish_layer(self, layer: int) -> None:
+        """Every matrix of `layer` is in: save the layer."""
+        tensors = {"influence": torch.stack(self.influence[layer]), "damping": torch.tensor(self.damping[layer])}
+        if self.pair is not None:
+            tensors["pairwise"] = self.pair[layer]
+        self.save_unit(layer_unit(layer), tensors)
+
+    def result(self, passes: int) -> InfluenceResult:
+        """Everything collected, with the left-out samples of every rank and of checkpointed units."""
+        train = dict(self.left_out.train)
+        if self.left_out.enabled:
+            for sample in self.left_out.mask().nonzero().flatten().tolist():
+                train.setdefault(sample, "non-finite (found on another rank or in an earlier, checkpointed run)")
+        return InfluenceResult(self.influence, self.pair, self.damping, passes, dict(sorted(train.items())),
+                               dict(sorted(self.left_out.val.items())))
+
+
+class Strategy:
+    """One way through the data: `run(plan)` puts every matrix of the planned layers into the sink."""
+
+    def __init__(self, job: ScoringJob, ctx: RunContext, sink: ResultSink):
+        self.job, self.ctx, self.sink = job, ctx, sink
+
+    def run(self, plan: PassPlan) -> int:
+        """Score the plan's layers; return the number of training passes."""
+        raise NotImplementedError
+
+    def refs(self, layers: Sequence[int]) -> list[MatrixRef]:
+        return [ref for layer in layers for ref in self.job.per_layer[layer]]
+
+    def traverse(self, what: str, refs: Sequence[MatrixRef], consume, desc: str) -> None:
+        """One pass over this rank's `what` ("training" / "validation") batches."""
+        batches = self.job.train_batches if what == "training" else self.job.val_batches
+        layers = sorted({ref.layer for ref in refs})
+        run_pass(self.job.model, batches, refs, consume, self.ctx, self.sink.left_out.spec(desc, what, layers))
+
+    def score_matrix(self, ref: MatrixRef, inputs: MatrixInputs) -> None:
+        """The per-matrix estimator step, shared by Store and Spill."""
+        self.sink.put(ref, influence_from_factors(self.job.estimator, inputs, self.ctx))
+
+
+class _SquaredNorms:
+    """||g_i||^2 of every matrix and sample, accumulated on the device while factors are captured."""
+
+    def __init__(self, refs: Sequence[MatrixRef], n: int, ctx: RunContext):
+        self.refs, self.ctx = refs, ctx
+        self.values = torch.zeros(len(refs), n, dtype=torch.float64, device=ctx.device)
+
+    def add(self, position: int, batch: Batch, x: torch.Tensor, delta: torch.Tensor, cache: dict) -> None:
+        xc, dc = x.to(self.ctx.compute_dtype), delta.to(self.ctx.compute_dtype)
+        ref = self.refs[position]
+        cheap_gram = x.shape[1] * (ref.d_in + ref.d_out) <= ref.d_in * ref.d_out
+        norms = chunk_sq_norms(xc, dc, _x_gram(xc, cache) if cheap_gram else None)
+        self.values[position, device_index(batch, cache, x.device)] = norms.double()
+
+    def reduced(self) -> torch.Tensor:
+        """(n_matrices, n) over every rank, on the host."""
+        return self.ctx.dist.all_reduce_sum(self.values).cpu()
+
+
 def _x_gram(x: torch.Tensor, cache: dict) -> torch.Tensor:
     """X X^T per sample, shared by matrices that read the same input (q/k/v, gate/up)."""
     entry = cache.get(id(x))
@@ -73,190 +217,165 @@ def _x_gram(x: torch.Tensor, cache: dict) -> torch.Tensor:
     return entry[1]
 
 
-def compute_influence(
-    model: nn.Module,
-    per_layer: Sequence[Sequence[MatrixRef]],
-    train_batches: Sequence[Batch],
-    val_batches: Sequence[Batch],
-    n_train: int,
-    n_val: int,
-    estimator: str,
-    pairwise: bool,
-    plan: PassPlan,
-    compute_dtype: torch.dtype = torch.float32,
-    quiet: bool = False,
-    kernel_bytes: int = 1 << 30,
-    checkpoint: Checkpoint | None = None,
-    dist: DistContext | None = None,
-    spill_dir: str | None = None,
-    skip_nonfinite: bool = False,
-) -> InfluenceResult:
-    """Influence of each training sample through each selected matrix, following `plan`.
+class Store(Strategy):
+    """Factors in memory, one validation and one training pass per layer group."""
 
-    Layers already saved in `checkpoint` are loaded instead of computed (the plan should cover only
-    the others); each finished layer, and each finished streaming pass, is saved to it. A `spill` plan
-    writes its factor files under `spill_dir` (default: the system's temporary directory).
-    With `skip_nonfinite`, samples whose loss or gradient is not finite are left out of every sum (as if
-    absent from the data) instead of stopping the run; the result lists them.
-    """
-    influence: list[list[torch.Tensor | None]] = [[None] * len(refs) for refs in per_layer]
-    damping_values: list[list[float]] = [[0.0] * len(refs) for refs in per_layer]
-    pair: list[torch.Tensor | None] | None = [None] * len(per_layer) if pairwise else None
-    dist = dist or DistContext()
-    slot_of = {(ref.layer, ref.name): slot for refs in per_layer for slot, ref in enumerate(refs)}
-    left_out = LeftOut(skip_nonfinite, n_train, dist)
-    planned = {layer for group in plan.groups for layer in group}
-    for layer in range(len(per_layer)):
-        if layer in planned:
-            continue
-        if checkpoint is None or not checkpoint.has(layer_unit(layer)):
-            raise RuntimeError(f"layer {layer} is neither planned nor checkpointed")
-        saved = checkpoint.load(layer_unit(layer))
-        influence[layer] = list(saved["influence"].double().unbind(0))
-        damping_values[layer] = saved["damping"].double().tolist()
-        if pair is not None:
-            pair[layer] = saved["pairwise"].double()
-        if "left_out" in saved:
-            left_out.from_checkpoint |= saved["left_out"].bool()
+    def run(self, plan: PassPlan) -> int:
+        for number, group in enumerate(plan.groups):
+            self._run_group(group, f"pass {number + 1}/{len(plan.groups)}")
+        return len(plan.groups)
 
-    def save_layer(layer: int) -> None:
-        if checkpoint is None:
-            return
-        tensors = {"influence": torch.stack(influence[layer]), "damping": torch.tensor(damping_values[layer])}
-        if left_out.enabled:
-            tensors["left_out"] = left_out.mask().to(torch.uint8)
-        if pair is not None:
-            tensors["pairwise"] = pair[layer]
-        checkpoint.save(layer_unit(layer), tensors)
-    train_left_out = left_out.train if left_out.enabled else None
-    val_left_out = left_out.val if left_out.enabled else None
-    train_name = lambda i: f"training sample {i}"  # noqa: E731
-    val_name = lambda i: f"validation sample {i}"  # noqa: E731
-
-    if plan.mode == "stream":
-        layers = plan.groups[0]
-        refs = [ref for layer in layers for ref in per_layer[layer]]
-        first_layer = left_out.first_layer(min(layers))
-        stream = StreamingInfluence(estimator, [(r.d_out, r.d_in) for r in refs], n_train, compute_dtype)
-        total = stream.passes
-        key = "stream-" + "-".join(map(str, layers)) if len(layers) < 8 else f"stream-{min(layers)}-{max(layers)}-{len(layers)}"
-        if checkpoint is not None and checkpoint.has(f"{key}-pass1"):
-            saved = checkpoint.load(f"{key}-pass1")
-            stream.sq, stream.gv = saved["sq"].double(), saved["gv"].double()
-            if "left_out" in saved:
-                left_out.from_checkpoint |= saved["left_out"].bool()
-        else:
-            run_pass(model, val_batches, refs, stream.consume_val, first_layer, "validation gradients", quiet,
-                     val_name, left_out.val if left_out.enabled else None)
-            for position, ref in enumerate(refs):
-                if stream.v[position] is None:
-                    stream.v[position] = torch.zeros(ref.d_out, ref.d_in, dtype=compute_dtype,
-                                                     device=next(model.parameters()).device)
-                stream.v[position] = dist.all_reduce_sum(stream.v[position])
-            run_pass(model, train_batches, refs, stream.consume_first, first_layer, f"pass 1/{total} (norms, g.v)",
-                     quiet, train_name, train_left_out)
-            dist.all_reduce_sum(stream.sq)
-            dist.all_reduce_sum(stream.gv)
-            if checkpoint is not None and estimator != "identity":
-                saved_pass = {"sq": stream.sq, "gv": stream.gv}
-                if left_out.enabled:
-                    saved_pass["left_out"] = left_out.mask().to(torch.uint8)
-                checkpoint.save(f"{key}-pass1", saved_pass)
-        stream.n_effective = left_out.n_effective() or n_train
-        stream.v = [None] * len(refs)  # not needed after pass 1
-        if estimator != "identity":
-            stream.finish_first()
-            if checkpoint is not None and checkpoint.has(f"{key}-pass2"):
-                saved = checkpoint.load(f"{key}-pass2")
-                device = next(model.parameters()).device
-                stream.u = [saved[f"u.{i}"].to(device) for i in range(len(refs))]
-            else:
-                run_pass(model, train_batches, refs, stream.consume_second, first_layer,
-                         f"pass 2/{total} (sum c g)", quiet, train_name, train_left_out)
-                for position, ref in enumerate(refs):
-                    if stream.u[position] is None:
-                        stream.u[position] = torch.zeros(ref.d_out, ref.d_in, dtype=compute_dtype,
-                                                         device=next(model.parameters()).device)
-                    stream.u[position] = dist.all_reduce_sum(stream.u[position])
-                if checkpoint is not None:
-                    checkpoint.save(f"{key}-pass2", {f"u.{i}": u for i, u in enumerate(stream.u)})
-            run_pass(model, train_batches, refs, stream.consume_third, first_layer, f"pass 3/{total} (g.u)", quiet,
-                     train_name, train_left_out)
-            dist.all_reduce_sum(stream.gu)
-        values = stream.influence()
-        for position, ref in enumerate(refs):
-            slot = slot_of[(ref.layer, ref.name)]
-            influence[ref.layer][slot] = values[position]
-            damping_values[ref.layer][slot] = float(stream.lam[position])
-        for layer in layers:
-            save_layer(layer)
-        return _result(influence, None, damping_values, total, left_out)
-
-    if plan.mode == "spill":
-        _spilled_influence(model, per_layer, train_batches, val_batches, n_train, n_val, estimator, pairwise,
-                           plan.groups[0] if plan.groups else [], compute_dtype, quiet, kernel_bytes, dist,
-                           spill_dir, influence, damping_values, pair, slot_of, save_layer, left_out)
-        return _result(influence, pair, damping_values, 1 if plan.groups else 0, left_out)
-
-    for group_number, group in enumerate(plan.groups):
-        refs = [ref for layer in group for ref in per_layer[layer]]
-        first_layer = left_out.first_layer(min(group))
-        label = f"pass {group_number + 1}/{len(plan.groups)}"
-        val_sum: list[torch.Tensor | None] = [None] * len(refs)
-        val_factors = [MatrixFactors(n_val, r.d_in, r.d_out, compute_dtype) for r in refs] if pairwise else None
-        train_factors = [MatrixFactors(n_train, r.d_in, r.d_out, compute_dtype) for r in refs]
-
-        sum_val = _consume_val(val_sum, compute_dtype)
+    def _run_group(self, group: Sequence[int], label: str) -> None:
+        job, ctx = self.job, self.ctx
+        refs = self.refs(group)
+        val_sums: list[torch.Tensor | None] = [None] * len(refs)
+        val_factors = [MatrixFactors(job.n_val, r.d_in, r.d_out, ctx.compute_dtype) for r in refs] if job.pairwise else None
+        train_factors: list[MatrixFactors | None] = [MatrixFactors(job.n_train, r.d_in, r.d_out, ctx.compute_dtype)
+                                                     for r in refs]
+        norms = _SquaredNorms(refs, job.n_train, ctx)
 
         def consume_val(position, batch, x, delta, cache):
-            sum_val(position, batch, x, delta, cache)
+            part = chunk_weighted_sum(x.to(ctx.compute_dtype), delta.to(ctx.compute_dtype),
+                                      torch.ones(x.shape[0], dtype=ctx.compute_dtype, device=x.device))
+            val_sums[position] = part if val_sums[position] is None else val_sums[position] + part
             if val_factors is not None:
-                val_factors[position].add(FactorChunk(batch.index, x, delta), torch.zeros(len(batch.index)))
+                val_factors[position].chunks.append(FactorChunk(batch.index, x, delta))
 
         def consume_train(position, batch, x, delta, cache):
-            sq = _train_sq_norms(x, delta, refs[position], compute_dtype, cache)
-            train_factors[position].add(FactorChunk(batch.index, x, delta), sq)
+            norms.add(position, batch, x, delta, cache)
+            train_factors[position].chunks.append(FactorChunk(batch.index, x, delta))
 
-        run_pass(model, val_batches, refs, consume_val, first_layer, f"{label} validation", quiet, val_name,
-                 val_left_out)
-        run_pass(model, train_batches, refs, consume_train, first_layer, f"{label} training", quiet, train_name,
-                 train_left_out)
-        n_effective = left_out.n_effective()
-        device = next(model.parameters()).device
-        for position, ref in enumerate(refs):
-            if val_sum[position] is None:
-                val_sum[position] = torch.zeros(ref.d_out, ref.d_in, dtype=compute_dtype, device=device)
-            val_sum[position] = dist.all_reduce_sum(val_sum[position])
-            dist.all_reduce_sum(train_factors[position].sq_norms)
-        from tqdm.auto import tqdm
-
-        for position, ref in enumerate(tqdm(refs, desc=f"{label} {estimator}", disable=quiet, leave=False,
-                                            unit="matrix", dynamic_ncols=True)):
-            val_each = _each_gradient(val_factors[position]) if val_factors is not None else None
-            values, values_pair, lam = influence_from_factors(
-                estimator, train_factors[position], val_sum[position], val_each, max_bytes=kernel_bytes,
-                reduce=dist.all_reduce_sum, n_effective=n_effective,
-            )
-            slot = slot_of[(ref.layer, ref.name)]
-            influence[ref.layer][slot] = values
-            damping_values[ref.layer][slot] = lam
-            if pair is not None:
-                pair[ref.layer] = values_pair if pair[ref.layer] is None else pair[ref.layer] + values_pair
-            train_factors[position] = None  # free as we go
-            if val_factors is not None:
-                val_factors[position] = None
+        self.traverse("validation", refs, consume_val, f"{label} validation")
+        self.traverse("training", refs, consume_train, f"{label} training")
+        n_effective = self.sink.left_out.n_effective()
+        v = ctx.reduced_sums(val_sums, [(r.d_out, r.d_in) for r in refs])
+        sq = norms.reduced()
+        with ctx.progress(len(refs), f"{label} {job.estimator}", unit="matrix") as bar:
+            for position, ref in enumerate(refs):
+                factors, train_factors[position] = train_factors[position], None  # freed as we go
+                factors.sq_norms = sq[position]
+                each = _each_gradient(val_factors[position]) if val_factors is not None else None
+                self.score_matrix(ref, MatrixInputs(factors, v[position], each, n_effective))
+                if val_factors is not None:
+                    val_factors[position] = None
+                bar.update(1)
         for layer in group:
-            save_layer(layer)
-    return _result(influence, pair, damping_values, len(plan.groups) if plan.mode == "store" else 0, left_out)
+            self.sink.finish_layer(layer)
 
 
-def _result(influence, pair, damping_values, passes: int, left_out: LeftOut) -> InfluenceResult:
-    train = dict(left_out.train)
-    if left_out.enabled:
-        for sample in left_out.mask().nonzero().flatten().tolist():
-            train.setdefault(sample, "non-finite (found on another rank or in an earlier, checkpointed run)")
-    return InfluenceResult(influence, pair, damping_values, passes, dict(sorted(train.items())),
-                           dict(sorted(left_out.val.items())))
+class Spill(Strategy):
+    """One validation and one training pass writing factors to disk, then each layer scored from its files.
+
+    Validation factors go to disk too (v is summed per layer when it is scored), so neither pass holds
+    weight-sized sums of every layer at once.
+    """
+
+    def run(self, plan: PassPlan) -> int:
+        from layerif.gradients.spill import SpillStore
+
+        layers = plan.groups[0] if plan.groups else []
+        if not layers:
+            return 0
+        refs = self.refs(layers)
+        store = SpillStore(self.ctx.spill_dir, prefix=f"rank{self.ctx.dist.rank}")
+        try:
+            norms = _SquaredNorms(refs, self.job.n_train, self.ctx)
+
+            def consume_val(position, batch, x, delta, cache):
+                store.write("val", refs[position].layer, position, FactorChunk(batch.index, x, delta), cache)
+
+            def consume_train(position, batch, x, delta, cache):
+                norms.add(position, batch, x, delta, cache)
+                store.write("train", refs[position].layer, position, FactorChunk(batch.index, x, delta), cache)
+
+            self.traverse("validation", refs, consume_val, "validation (spill to disk)")
+            self.traverse("training", refs, consume_train, "training (spill to disk)")
+            store.finish_writing()
+            self._score_from_disk(store, refs, layers, norms.reduced())
+        finally:
+            store.close()
+        return 1
+
+    def _score_from_disk(self, store, refs: Sequence[MatrixRef], layers: Sequence[int], sq: torch.Tensor) -> None:
+        job, ctx = self.job, self.ctx
+        n_effective = self.sink.left_out.n_effective()
+        ones = torch.ones(job.n_val, dtype=ctx.compute_dtype)
+        with ctx.progress(len(layers), f"{job.estimator} from disk", unit="layer") as bar:
+            for number, layer in enumerate(layers):
+                if number + 1 < len(layers):
+                    store.prefetch(layers[number + 1])  # the disk reads the next layer while this one is scored
+                for position in [p for p, ref in enumerate(refs) if ref.layer == layer]:
+                    ref = refs[position]
+                    val = store.factors("val", layer, position,
+                                        MatrixFactors(job.n_val, ref.d_in, ref.d_out, ctx.compute_dtype))
+                    v = ctx.dist.all_reduce_sum(val.weighted_sum(ones).to(ctx.device))
+                    train = store.factors("train", layer, position, MatrixFactors(
+                        job.n_train, ref.d_in, ref.d_out, ctx.compute_dtype, sq_norms=sq[position]))
+                    each = _each_gradient(val) if job.pairwise else None
+                    self.score_matrix(ref, MatrixInputs(train, v, each, n_effective))
+                store.drop_layer(layer)
+                self.sink.finish_layer(layer)
+                bar.update(1)
+
+
+class Stream(Strategy):
+    """Weight-sized sums only: pass 1 (v, norms, g.v), pass 2 (u = sum c g), pass 3 (g.u); each pass saved."""
+
+    def run(self, plan: PassPlan) -> int:
+        job, ctx, sink = self.job, self.ctx, self.sink
+        layers = plan.groups[0]
+        refs = self.refs(layers)
+        shapes = [(r.d_out, r.d_in) for r in refs]
+        stream = StreamingInfluence(job.estimator, shapes, job.n_train, ctx)
+        key = ("stream-" + "-".join(map(str, layers)) if len(layers) < 8
+               else f"stream-{min(layers)}-{max(layers)}-{len(layers)}")
+        saved = sink.load_unit(f"{key}-pass1")
+        if saved is not None:
+            stream.sq, stream.gv = saved["sq"].double(), saved["gv"].double()
+        else:
+            self.traverse("validation", refs, stream.consume_val, "validation gradients")
+            stream.v = ctx.reduced_sums(stream.v, shapes)
+            self.traverse("training", refs, stream.consume_first, f"pass 1/{stream.passes} (norms, g.v)")
+            stream.sq, stream.gv = ctx.dist.all_reduce_sum(stream.sq), ctx.dist.all_reduce_sum(stream.gv)
+            if job.estimator != "identity":
+                sink.save_unit(f"{key}-pass1", {"sq": stream.sq, "gv": stream.gv})
+        stream.n_effective = sink.left_out.n_effective() or job.n_train
+        stream.v = [None] * len(refs)  # not needed after pass 1
+        if job.estimator != "identity":
+            stream.finish_first()
+            saved = sink.load_unit(f"{key}-pass2")
+            if saved is not None:
+                stream.u = [saved[f"u.{i}"].to(ctx.device) for i in range(len(refs))]
+            else:
+                self.traverse("training", refs, stream.consume_second, f"pass 2/{stream.passes} (sum c g)")
+                stream.u = ctx.reduced_sums(stream.u, shapes)
+                sink.save_unit(f"{key}-pass2", {f"u.{i}": u for i, u in enumerate(stream.u)})
+            self.traverse("training", refs, stream.consume_third, f"pass 3/{stream.passes} (g.u)")
+            stream.gu = ctx.dist.all_reduce_sum(stream.gu)
+        values = stream.influence()
+        for position, ref in enumerate(refs):
+            sink.put(ref, MatrixInfluence(values[position], None, float(stream.lam[position])))
+        for layer in layers:
+            sink.finish_layer(layer)
+        return stream.passes
+
+
+STRATEGY_TYPES: dict[str, type[Strategy]] = {"store": Store, "spill": Spill, "stream": Stream}
+
+
+def compute_influence(job: ScoringJob, plan: PassPlan, ctx: RunContext,
+                      checkpoint: Checkpoint | None = None) -> InfluenceResult:
+    """Influence of each training sample through each selected matrix, following `plan`.
+
+    Layers already saved in `checkpoint` are loaded instead of computed (the plan covers only the others);
+    each finished layer, and each finished streaming pass, is saved to it. With `ctx.skip_nonfinite`,
+    samples whose loss or gradient is not finite are left out of every sum (as if absent from the data)
+    instead of stopping the run; the result lists them.
+    """
+    sink = ResultSink(job, ctx, checkpoint)
+    sink.load_layers({layer for group in plan.groups for layer in group})
+    passes = STRATEGY_TYPES[plan.mode](job, ctx, sink).run(plan)
+    return sink.result(passes)
 
 
 def _each_gradient(factors: MatrixFactors) -> torch.Tensor:
@@ -265,83 +384,6 @@ def _each_gradient(factors: MatrixFactors) -> torch.Tensor:
     ordered = torch.empty_like(grads)
     ordered[index] = grads
     return ordered.view(factors.n, factors.d_out, factors.d_in)
-
-
-def _consume_val(val_sum: list, compute_dtype: torch.dtype):
-    """Consumer adding each validation batch's gradient sum to val_sum[position]."""
-    def consume(position, batch, x, delta, cache):
-        xc, dc = x.to(compute_dtype), delta.to(compute_dtype)
-        part = chunk_weighted_sum(xc, dc, torch.ones(x.shape[0], dtype=compute_dtype, device=x.device))
-        val_sum[position] = part if val_sum[position] is None else val_sum[position] + part
-
-    return consume
-
-
-def _train_sq_norms(x: torch.Tensor, delta: torch.Tensor, ref: MatrixRef, compute_dtype, cache: dict) -> torch.Tensor:
-    xc, dc = x.to(compute_dtype), delta.to(compute_dtype)
-    cheap_gram = x.shape[1] * (ref.d_in + ref.d_out) <= ref.d_in * ref.d_out
-    return chunk_sq_norms(xc, dc, _x_gram(xc, cache) if cheap_gram else None)
-
-
-def _spilled_influence(model, per_layer, train_batches, val_batches, n_train, n_val, estimator, pairwise, layers,
-                       compute_dtype, quiet, kernel_bytes, dist, spill_dir, influence, damping_values, pair,
-                       slot_of, save_layer, left_out: LeftOut) -> None:
-    """One validation and one training pass writing factors to disk, then each layer scored from its files.
-
-    Validation factors go to disk too (v is summed per layer when it is scored), so neither pass holds
-    weight-sized sums of every layer at once.
-    """
-    from tqdm.auto import tqdm
-
-    from layerif.gradients.spill import SpillStore
-
-    if not layers:
-        return
-    refs = [ref for layer in layers for ref in per_layer[layer]]
-    first_layer = left_out.first_layer(min(layers))
-    store = SpillStore(spill_dir, prefix=f"rank{dist.rank}")
-    try:
-        def consume_val(position, batch, x, delta, cache):
-            store.write("val", refs[position].layer, position, batch.index, x, delta, cache)
-
-        sq_norms = torch.zeros(len(refs), n_train, dtype=torch.float64)
-
-        def consume_train(position, batch, x, delta, cache):
-            sq_norms[position, batch.index] = _train_sq_norms(x, delta, refs[position], compute_dtype,
-                                                              cache).double().cpu()
-            store.write("train", refs[position].layer, position, batch.index, x, delta, cache)
-
-        run_pass(model, val_batches, refs, consume_val, first_layer, "validation (spill to disk)", quiet,
-                 lambda i: f"validation sample {i}", left_out.val if left_out.enabled else None)
-        run_pass(model, train_batches, refs, consume_train, first_layer, "training (spill to disk)", quiet,
-                 lambda i: f"training sample {i}", left_out.train if left_out.enabled else None)
-        store.finish_writing()
-        n_effective = left_out.n_effective()
-        dist.all_reduce_sum(sq_norms)
-        device = next(model.parameters()).device
-        positions_of = {layer: [p for p, ref in enumerate(refs) if ref.layer == layer] for layer in layers}
-        for layer in tqdm(layers, desc=f"{estimator} from disk", disable=quiet, leave=False, unit="layer",
-                          dynamic_ncols=True):
-            for position in positions_of[layer]:
-                ref = refs[position]
-                val_factors = store.factors("val", layer, position, n_val, ref.d_in, ref.d_out, compute_dtype,
-                                            torch.zeros(n_val, dtype=torch.float64))
-                v = dist.all_reduce_sum(val_factors.weighted_sum(torch.ones(n_val, dtype=compute_dtype)).to(device))
-                factors = store.factors("train", layer, position, n_train, ref.d_in, ref.d_out, compute_dtype,
-                                        sq_norms[position])
-                val_each = _each_gradient(val_factors) if pairwise else None
-                values, values_pair, lam = influence_from_factors(
-                    estimator, factors, v, val_each, max_bytes=kernel_bytes, reduce=dist.all_reduce_sum,
-                    n_effective=n_effective)
-                slot = slot_of[(ref.layer, ref.name)]
-                influence[layer][slot] = values
-                damping_values[layer][slot] = lam
-                if pair is not None:
-                    pair[layer] = values_pair if pair[layer] is None else pair[layer] + values_pair
-            store.drop_layer(layer)
-            save_layer(layer)
-    finally:
-        store.close()
 
 
 def layer_unit(layer: int) -> str:

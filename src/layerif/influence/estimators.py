@@ -2,16 +2,25 @@
 
 Signs follow Koh & Liang: positive I means up-weighting the sample raises the validation loss.
 All scalar algebra is float64; matmuls run in the factors' compute dtype (float32 by default).
+
+
+The seam for new estimators is `Estimator`: one object per method whose `influence` consumes one
+matrix's `MatrixInputs` (stored training factors, the validation gradient sum, optionally every
+validation gradient) and returns a `MatrixInfluence`. The Store and Spill strategies call it for every
+matrix; register a new subclass in `ESTIMATOR_TYPES`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from layerif.errors import LayerIFError
+from layerif.gradients.context import RunContext
 from layerif.gradients.factors import MatrixFactors
 
-ESTIMATORS = ("datainf", "exact", "identity")
 DAMPING_SCALE = 0.1
 
 
@@ -30,62 +39,124 @@ def _datainf_terms(gv: torch.Tensor, sq: torch.Tensor, lam: float) -> torch.Tens
     return gv / (denominator.unsqueeze(-1) if gv.dim() == 2 else denominator)
 
 
-def influence_from_factors(
-    estimator: str,
-    train: MatrixFactors,
-    val_sum: torch.Tensor,
-    val_each: torch.Tensor | None = None,
-    max_bytes: int = 1 << 30,
-    reduce=None,
-    n_effective: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-    """(I (n,), I_pairwise (n, m) or None, lambda) for one matrix.
+@dataclass
+class MatrixInputs:
+    """What an estimator consumes for one matrix W.
 
-    val_sum is v_W = sum_j grad l(v_j) as (d_out, d_in); val_each the per-validation-sample gradients
-    (m, d_out, d_in), needed only for the pairwise matrix. `reduce` sums a tensor over data-parallel
-    ranks when `train` holds only this rank's samples (zeros elsewhere); then sq_norms must be reduced.
-    `n_effective` is the number of samples taking part when some were left out (their factors are zero).
+    `train` holds this rank's training factors (zeros for other ranks' samples) with every rank's squared
+    norms; `val_sum` is v_W = sum_j grad l(v_j) as (d_out, d_in), summed over ranks; `val_each` the
+    per-validation-sample gradients (m, d_out, d_in), only for the pairwise matrix; `n_effective` the number
+    of training samples taking part when some were left out (None: all).
     """
-    reduce = reduce or (lambda tensor: tensor)
-    if estimator not in ESTIMATORS:
-        raise LayerIFError(f"unknown estimator {estimator!r}; choose from {', '.join(ESTIMATORS)}")
-    n = train.n if n_effective is None else n_effective
-    n_params = train.d_in * train.d_out
-    sq = train.sq_norms.double()
-    lam = damping(sq, n_params, n=n)
-    need_kernel = estimator == "exact" or val_each is not None
-    if not need_kernel:
-        gv = reduce(train.dots(val_sum))
-        if estimator == "identity":
-            return -gv, None, lam
+
+    train: MatrixFactors
+    val_sum: torch.Tensor
+    val_each: torch.Tensor | None = None
+    n_effective: int | None = None
+
+
+@dataclass
+class MatrixInfluence:
+    """An estimator's answer for one matrix: I (n,), I pairwise (n, m) or None, and its damping lambda_W."""
+
+    values: torch.Tensor
+    pairwise: torch.Tensor | None
+    damping: float
+
+
+class Estimator:
+    """One inverse-Hessian method, applied matrix by matrix (block-diagonal Hessian)."""
+
+    name: ClassVar[str]
+    stream_passes: ClassVar[int | None] = None  # training passes of a streamed run; None: needs stored factors
+    needs_kernel: ClassVar[bool] = False  # True: always works on the n x n Gram matrix K = G G^T
+
+    def influence(self, inputs: MatrixInputs, ctx: RunContext) -> MatrixInfluence:
+        """I_i = -h_W . g_i for every training sample of one matrix (and pairwise when val_each is given)."""
+        n = inputs.train.n if inputs.n_effective is None else inputs.n_effective
+        sq = inputs.train.sq_norms.double()
+        lam = damping(sq, inputs.train.d_in * inputs.train.d_out, n=n)
+        if self.needs_kernel or inputs.val_each is not None:
+            stack = inputs.val_sum.unsqueeze(0)
+            if inputs.val_each is not None:
+                stack = torch.cat([stack, inputs.val_each])
+            kernel, dots = inputs.train.gram_and_dots(stack, max_bytes=ctx.kernel_bytes)
+            values = self.from_kernel(kernel, dots, sq, lam, n)
+            pair = None if inputs.val_each is None else values[:, 1:]
+            return MatrixInfluence(values[:, 0], pair, lam)
+        return MatrixInfluence(self.from_dots(inputs.train, inputs.val_sum, sq, lam, n, ctx), None, lam)
+
+    def from_kernel(self, kernel: torch.Tensor, dots: torch.Tensor, sq: torch.Tensor, lam: float,
+                    n: int) -> torch.Tensor:
+        """I for each column of dots = G [v, v_1, ...] (n, k), given K = G G^T (n, n)."""
+        raise NotImplementedError
+
+    def from_dots(self, train: MatrixFactors, val_sum: torch.Tensor, sq: torch.Tensor, lam: float, n: int,
+                  ctx: RunContext) -> torch.Tensor:
+        """I (n,) without forming K (only matrix-vector work over the factors)."""
+        kernel, dots = train.gram_and_dots(val_sum.unsqueeze(0), max_bytes=ctx.kernel_bytes)
+        return self.from_kernel(kernel, dots, sq, lam, n)[:, 0]
+
+
+class Identity(Estimator):
+    """H = I: I_i = -g_i . v (TracIn-style)."""
+
+    name = "identity"
+    stream_passes = 1
+
+    def from_kernel(self, kernel, dots, sq, lam, n):
+        return -dots
+
+    def from_dots(self, train, val_sum, sq, lam, n, ctx):
+        return -ctx.dist.all_reduce_sum(train.dots(val_sum))
+
+
+class DataInf(Estimator):
+    """DataInf (DESIGN section 2): h = (1/(n lam)) sum_i (v - c_i g_i), c_i = g_i.v / (lam + ||g_i||^2)."""
+
+    name = "datainf"
+    stream_passes = 3
+
+    def from_kernel(self, kernel, dots, sq, lam, n):
         if lam == 0.0:  # every gradient is zero: nothing flows through this matrix
-            return torch.zeros(train.n, dtype=torch.float64), None, lam
-        coefficients = _datainf_terms(gv, sq, lam)
+            return torch.zeros_like(dots)
+        return -(dots - kernel @ _datainf_terms(dots, sq, lam) / n) / lam
+
+    def from_dots(self, train, val_sum, sq, lam, n, ctx):
+        reduce = ctx.dist.all_reduce_sum
+        gv = reduce(train.dots(val_sum))
+        if lam == 0.0:
+            return torch.zeros(train.n, dtype=torch.float64)
         # K c without forming K: u = sum_i c_i g_i, then g_i . u
-        correction = reduce(train.dots(reduce(train.weighted_sum(coefficients))))
-        return -(gv - correction / n) / lam, None, lam
+        correction = reduce(train.dots(reduce(train.weighted_sum(_datainf_terms(gv, sq, lam)))))
+        return -(gv - correction / n) / lam
 
-    stack = val_sum.unsqueeze(0) if val_each is None else torch.cat([val_sum.unsqueeze(0), val_each])
-    kernel, dots = train.gram_and_dots(stack, max_bytes=max_bytes)
-    gv = dots[:, 0]
-    pair = dots[:, 1:] if val_each is not None else None
-    if estimator == "identity":
-        return -gv, (None if pair is None else -pair), lam
-    if lam == 0.0:
-        zeros = torch.zeros(train.n, dtype=torch.float64)
-        return zeros, (None if pair is None else torch.zeros_like(pair)), lam
-    if estimator == "datainf":
-        def apply(values: torch.Tensor) -> torch.Tensor:
-            return -(values - kernel @ _datainf_terms(values, sq, lam) / n) / lam
-    else:
-        # Woodbury: (G^T G / n + lam I)^-1 v = (1/lam) [v - G^T (n lam I + G G^T)^-1 G v]
-        system = kernel + n * lam * torch.eye(train.n, dtype=torch.float64)
-        factor = torch.linalg.cholesky(system)
 
-        def apply(values: torch.Tensor) -> torch.Tensor:
-            rhs = values if values.dim() == 2 else values.unsqueeze(1)
-            solved = torch.cholesky_solve(rhs, factor)
-            out = -(rhs - kernel @ solved) / lam
-            return out if values.dim() == 2 else out.squeeze(1)
+class Exact(Estimator):
+    """Damped empirical Fisher solved exactly in sample space (Woodbury)."""
 
-    return apply(gv), (None if pair is None else apply(pair)), lam
+    name = "exact"
+    needs_kernel = True
+
+    def from_kernel(self, kernel, dots, sq, lam, n):
+        if lam == 0.0:
+            return torch.zeros_like(dots)
+        # (G^T G / n + lam I)^-1 v = (1/lam) [v - G^T (n lam I + G G^T)^-1 G v]
+        factor = torch.linalg.cholesky(kernel + n * lam * torch.eye(kernel.shape[0], dtype=torch.float64))
+        return -(dots - kernel @ torch.cholesky_solve(dots, factor)) / lam
+
+
+ESTIMATOR_TYPES: dict[str, type[Estimator]] = {cls.name: cls for cls in (DataInf, Exact, Identity)}
+ESTIMATORS = tuple(ESTIMATOR_TYPES)
+
+
+def get_estimator(name: str) -> Estimator:
+    """The estimator registered under `name`."""
+    if name not in ESTIMATOR_TYPES:
+        raise LayerIFError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
+    return ESTIMATOR_TYPES[name]()
+
+
+def influence_from_factors(estimator: str, inputs: MatrixInputs, ctx: RunContext) -> MatrixInfluence:
+    """The per-matrix estimator step: `estimator`'s influence for one matrix."""
+    return get_estimator(estimator).influence(inputs, ctx)
