@@ -141,9 +141,11 @@ class Exact(Estimator):
     def from_kernel(self, kernel, dots, sq, lam, n):
         if lam == 0.0:
             return torch.zeros_like(dots)
-        # (G^T G / n + lam I)^-1 v = (1/lam) [v - G^T (n lam I + G G^T)^-1 G v]
+        # Woodbury: (G^T G / n + lam I)^-1 v = (1/lam) [v - G^T (n lam I + K)^-1 G v], so
+        # g_i . h = (1/lam) [(I - K (n lam I + K)^-1) G v]_i = n [(n lam I + K)^-1 G v]_i.
+        # The right-hand form avoids subtracting two nearly equal terms when lam is small against K.
         factor = torch.linalg.cholesky(kernel + n * lam * torch.eye(kernel.shape[0], dtype=torch.float64))
-        return -(dots - kernel @ torch.cholesky_solve(dots, factor)) / lam
+        return -n * torch.cholesky_solve(dots, factor)
 
 
 ESTIMATOR_TYPES: dict[str, type[Estimator]] = {cls.name: cls for cls in (DataInf, Exact, Identity)}
