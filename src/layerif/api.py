@@ -223,6 +223,12 @@ def _open_checkpoint(model: nn.Module, config: ScoreConfig, data: _Prepared, dir
     return Checkpoint(directory, fingerprint).open(overwrite=restart)
 
 
+def _estimator_options(config: ScoreConfig) -> dict:
+    """Estimator settings of a run (LiSSA's depth, scale and seed)."""
+    return {"lissa_depth": getattr(config, "lissa_depth", None), "lissa_scale": getattr(config, "lissa_scale", None),
+            "seed": config.seed}
+
+
 def score_layers(
     model: nn.Module, tokenizer, train, val, config: ScoreConfig | None = None,
     checkpoint_dir: str | None = None, restart: bool = False, spill_dir: str | None = None,
@@ -238,9 +244,9 @@ def score_layers(
     config = config or ScoreConfig()
     config.validate()
     dist = distributed.current()
-    if dist.enabled and (config.estimator == "exact" or config.pairwise):
+    if dist.enabled and (config.estimator not in ("datainf", "identity") or config.pairwise):
         raise LayerIFError("data-parallel scoring supports datainf and identity without --pairwise; "
-                           "run exact or pairwise in one process")
+                           f"run {config.estimator}{' with --pairwise' if config.pairwise else ''} in one process")
     started = time.perf_counter()
     data = _prepare(tokenizer, train, val, config)
     batches_of = data.batches_of(dist)
@@ -258,7 +264,7 @@ def score_layers(
                          torch.float64 if config.compute_dtype == "float64" else torch.float32, dist, config.quiet,
                          config.on_nonfinite == "skip", resolve_loss(config.loss), plan.kernel_bytes, spill_dir)
         job = ScoringJob(scored, per_layer, train_batches, val_batches, len(data.train_rows), len(data.val_rows),
-                         config.estimator, config.pairwise)
+                         config.estimator, config.pairwise, _estimator_options(config))
         started = time.perf_counter()
         result = compute_influence(job, plan, ctx, checkpoint)
         timings["influence_s"] = time.perf_counter() - started
@@ -291,6 +297,7 @@ def _assemble(result: InfluenceResult, per_layer, data: _Prepared, metadata: dic
     metadata = {
         **metadata,
         "damping": result.damping,
+        "estimator_info": result.estimator_info,
         "left_out": {"training": {str(k): v for k, v in result.left_out_train.items()},
                      "validation": {str(k): v for k, v in result.left_out_val.items()}},
         "peak_rss_bytes": peak_rss_bytes(),

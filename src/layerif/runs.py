@@ -194,6 +194,7 @@ def _score(run: ScoreRun, folder: OutputFolder, staging: Path | None) -> tuple[L
         "resumed": scores.metadata.get("resumed"),
         "world_size": scores.metadata.get("world_size"),
         "left_out": scores.metadata.get("left_out"),
+        "estimator_info": scores.metadata.get("estimator_info") or None,
         "timings_s": {key: round(value, 3) for key, value in timings.items()},
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_scoring_bytes": scoring_peak,

@@ -44,6 +44,7 @@ class ScoringJob:
     n_val: int
     estimator: str = "datainf"
     pairwise: bool = False
+    estimator_options: dict = field(default_factory=dict)  # LiSSA's depth, scale and seed
 
 
 @dataclass
@@ -56,6 +57,7 @@ class InfluenceResult:
     train_passes: int
     left_out_train: dict[int, str] = field(default_factory=dict)  # sample -> where its loss/gradient went non-finite
     left_out_val: dict[int, str] = field(default_factory=dict)
+    estimator_info: dict[str, dict] = field(default_factory=dict)  # "layer.matrix" -> what the solver reported
 
 
 class LeftOut:
@@ -108,6 +110,7 @@ class ResultSink:
         self.pair: list[torch.Tensor | None] | None = [None] * len(job.per_layer) if job.pairwise else None
         self.slot_of = {(ref.layer, ref.name): slot for refs in job.per_layer for slot, ref in enumerate(refs)}
         self.left_out = LeftOut(job.n_train, ctx)
+        self.estimator_info: dict[str, dict] = {}
 
     def load_unit(self, name: str) -> dict | None:
         """A saved checkpoint unit (None when absent); its left-out samples join this run's."""
@@ -144,6 +147,8 @@ class ResultSink:
         slot = self.slot_of[(ref.layer, ref.name)]
         self.influence[ref.layer][slot] = result.values
         self.damping[ref.layer][slot] = result.damping
+        if result.info:
+            self.estimator_info[f"{ref.layer}.{ref.name}"] = result.info
         if self.pair is not None and result.pairwise is not None:
             held = self.pair[ref.layer]
             self.pair[ref.layer] = result.pairwise if held is None else held + result.pairwise
@@ -162,7 +167,7 @@ class ResultSink:
             for sample in self.left_out.mask().nonzero().flatten().tolist():
                 train.setdefault(sample, "non-finite (found on another rank or in an earlier, checkpointed run)")
         return InfluenceResult(self.influence, self.pair, self.damping, passes, dict(sorted(train.items())),
-                               dict(sorted(self.left_out.val.items())))
+                               dict(sorted(self.left_out.val.items())), self.estimator_info)
 
 
 class Strategy:
@@ -186,7 +191,7 @@ class Strategy:
 
     def score_matrix(self, ref: MatrixRef, inputs: MatrixInputs) -> None:
         """The per-matrix estimator step, shared by Store and Spill."""
-        self.sink.put(ref, influence_from_factors(self.job.estimator, inputs, self.ctx))
+        self.sink.put(ref, influence_from_factors(self.job.estimator, inputs, self.ctx, self.job.estimator_options))
 
 
 class _SquaredNorms:

@@ -62,14 +62,19 @@ class MatrixInfluence:
     values: torch.Tensor
     pairwise: torch.Tensor | None
     damping: float
+    info: dict | None = None  # what the solver reports (LiSSA: scale, convergence), recorded in run.json
 
 
 class Estimator:
     """One inverse-Hessian method, applied matrix by matrix (block-diagonal Hessian)."""
 
     name: ClassVar[str]
+    options: dict  # settings from the run's config (LiSSA's depth, scale, seed); most estimators ignore them
     stream_passes: ClassVar[int | None] = None  # training passes of a streamed run; None: needs stored factors
     needs_kernel: ClassVar[bool] = False  # True: always works on the n x n Gram matrix K = G G^T
+
+    def __init__(self, **options):
+        self.options = options
 
     def influence(self, inputs: MatrixInputs, ctx: RunContext) -> MatrixInfluence:
         """I_i = -h_W . g_i for every training sample of one matrix (and pairwise when val_each is given)."""
@@ -148,17 +153,72 @@ class Exact(Estimator):
         return -n * torch.cholesky_solve(dots, factor)
 
 
-ESTIMATOR_TYPES: dict[str, type[Estimator]] = {cls.name: cls for cls in (DataInf, Exact, Identity)}
+class _Solved(Estimator):
+    """Estimators that form h = H^-1 v per matrix from the factors (no Gram), then I = -G h."""
+
+    def solve(self, inputs: MatrixInputs, stack: torch.Tensor, lam: float, n: int) -> tuple[torch.Tensor, dict | None]:
+        """(h for each vector of the stack (k, d_out, d_in), solver info or None)."""
+        raise NotImplementedError
+
+    def influence(self, inputs: MatrixInputs, ctx: RunContext) -> MatrixInfluence:
+        train = inputs.train
+        n = train.n if inputs.n_effective is None else inputs.n_effective
+        lam = damping(train.sq_norms.double(), train.d_in * train.d_out, n=n)
+        stack = inputs.val_sum.unsqueeze(0)
+        if inputs.val_each is not None:
+            stack = torch.cat([stack, inputs.val_each])
+        if lam == 0.0:  # every gradient is zero: nothing flows through this matrix
+            zeros = torch.zeros(train.n, stack.shape[0], dtype=torch.float64)
+            return MatrixInfluence(zeros[:, 0], None if inputs.val_each is None else zeros[:, 1:], lam)
+        solved, info = self.solve(inputs, stack, lam, n)
+        solved = solved.to(device=stack.device, dtype=train.compute_dtype)
+        if stack.shape[0] == 1:
+            return MatrixInfluence(-train.dots(solved[0]), None, lam, info)
+        flat = solved.reshape(stack.shape[0], -1)
+        dots = torch.zeros(train.n, stack.shape[0], dtype=torch.float64)
+        for index, grads in train.materialised(ctx.kernel_bytes):
+            dots[index] = (grads @ flat.t().to(grads.device)).double().cpu()
+        return MatrixInfluence(-dots[:, 0], -dots[:, 1:], lam, info)
+
+
+class Lissa(_Solved):
+    """LiSSA: the same damped Fisher as `exact`, solved by a stochastic Neumann series (influence/lissa.py)."""
+
+    name = "lissa"
+
+    def solve(self, inputs, stack, lam, n):
+        from layerif.influence.lissa import LISSA_BATCH, LISSA_DEPTH, lissa_solve
+
+        solved, details = lissa_solve(
+            inputs.train, stack.to(inputs.train.compute_dtype), lam, n,
+            depth=self.options.get("lissa_depth") or LISSA_DEPTH, scale=self.options.get("lissa_scale"),
+            batch_size=self.options.get("lissa_batch") or LISSA_BATCH, seed=self.options.get("seed", 0))
+        return solved, details.to_dict()
+
+
+class Ekfac(_Solved):
+    """EK-FAC: eigenvalue-corrected Kronecker factors of the same Fisher (influence/ekfac.py)."""
+
+    name = "ekfac"
+
+    def solve(self, inputs, stack, lam, n):
+        from layerif.influence.ekfac import ekfac_basis, ekfac_solve
+
+        return ekfac_solve(ekfac_basis(inputs.train, n), stack, lam), None
+
+
+ESTIMATOR_TYPES: dict[str, type[Estimator]] = {cls.name: cls for cls in (DataInf, Exact, Identity, Lissa, Ekfac)}
 ESTIMATORS = tuple(ESTIMATOR_TYPES)
 
 
-def get_estimator(name: str) -> Estimator:
-    """The estimator registered under `name`."""
+def get_estimator(name: str, **options) -> Estimator:
+    """The estimator registered under `name`, with the run's estimator settings."""
     if name not in ESTIMATOR_TYPES:
         raise LayerIFError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
-    return ESTIMATOR_TYPES[name]()
+    return ESTIMATOR_TYPES[name](**options)
 
 
-def influence_from_factors(estimator: str, inputs: MatrixInputs, ctx: RunContext) -> MatrixInfluence:
+def influence_from_factors(estimator: str, inputs: MatrixInputs, ctx: RunContext,
+                           options: dict | None = None) -> MatrixInfluence:
     """The per-matrix estimator step: `estimator`'s influence for one matrix."""
-    return get_estimator(estimator).influence(inputs, ctx)
+    return get_estimator(estimator, **(options or {})).influence(inputs, ctx)
