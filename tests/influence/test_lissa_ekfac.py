@@ -9,7 +9,7 @@ from layerif.errors import LayerIFError
 from layerif.gradients.factors import FactorChunk, MatrixFactors, chunk_sq_norms
 from layerif.influence.ekfac import ekfac_basis, ekfac_solve
 from layerif.influence.estimators import damping, influence_from_factors
-from layerif.influence.lissa import TokenFactors, lissa_solve
+from layerif.influence.lissa import LissaSettings, TokenFactors, lissa_solve
 
 
 @pytest.fixture(autouse=True)
@@ -81,7 +81,7 @@ def test_token_factors_match_materialised_gradients():
 def test_lissa_full_batch_converges_to_exact():
     factors, v = random_factors(), val_gradient()
     lam = damping(factors.sq_norms, 30)
-    solved, info = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, depth=3000, batch_size=factors.n)
+    solved, info = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, LissaSettings(depth=3000, batch_size=factors.n))
     expected = exact_h(factors, v)
     torch.testing.assert_close(solved[0], expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
     assert info.batch_size == factors.n and info.relative_change < 1e-6
@@ -94,8 +94,8 @@ def test_lissa_full_batch_converges_to_exact():
 def test_lissa_short_series_has_not_converged_and_says_so():
     factors, v = random_factors(), val_gradient()
     lam = damping(factors.sq_norms, 30)
-    short, info_short = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, depth=10, batch_size=factors.n)
-    _, info_long = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, depth=3000, batch_size=factors.n)
+    short, info_short = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, LissaSettings(depth=10, batch_size=factors.n))
+    _, info_long = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, LissaSettings(depth=3000, batch_size=factors.n))
     expected = exact_h(factors, v)
     assert (short[0] - expected).norm() > 0.05 * expected.norm()
     assert info_short.relative_change > 100 * info_long.relative_change
@@ -109,8 +109,8 @@ def test_lissa_mini_batches_approach_exact_and_are_seeded():
     guess = float((v / lam - expected).norm() / expected.norm())  # H = lambda I: 0.92 off
     errors = {}
     for batch in (4, 12):
-        solved, info = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, depth=3000, batch_size=batch, seed=5)
-        again, _ = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, depth=3000, batch_size=batch, seed=5)
+        solved, info = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, LissaSettings(depth=3000, batch_size=batch, seed=5))
+        again, _ = lissa_solve(factors, v.unsqueeze(0), lam, factors.n, LissaSettings(depth=3000, batch_size=batch, seed=5))
         torch.testing.assert_close(solved, again, rtol=0, atol=0)
         errors[batch] = float((solved[0] - expected).norm() / expected.norm())
         assert info.batch_size == batch and info.restarts == 0
@@ -128,8 +128,8 @@ def test_lissa_left_out_samples_are_not_drawn():
     zeros = torch.zeros(2, 5, 6, dtype=torch.float64)
     dropped.add(FactorChunk(torch.tensor([12, 13]), zeros, zeros[..., :5].clone()), torch.zeros(2))
     lam = damping(factors.sq_norms, 30)
-    solved, _ = lissa_solve(dropped, v.unsqueeze(0), lam, 12, depth=3000, batch_size=6, seed=0)
-    full, _ = lissa_solve(factors, v.unsqueeze(0), lam, 12, depth=3000, batch_size=6, seed=0)
+    solved, _ = lissa_solve(dropped, v.unsqueeze(0), lam, 12, LissaSettings(depth=3000, batch_size=6, seed=0))
+    full, _ = lissa_solve(factors, v.unsqueeze(0), lam, 12, LissaSettings(depth=3000, batch_size=6, seed=0))
     torch.testing.assert_close(solved, full)
 
 
@@ -137,9 +137,9 @@ def test_lissa_divergence_is_a_clear_error():
     factors, v = random_factors(), val_gradient()
     lam = damping(factors.sq_norms, 30)
     with pytest.raises(LayerIFError, match="lissa-scale"):
-        lissa_solve(factors, v.unsqueeze(0), lam, factors.n, depth=200, scale=lam, batch_size=factors.n)
+        lissa_solve(factors, v.unsqueeze(0), lam, factors.n, LissaSettings(depth=200, scale=lam, batch_size=factors.n))
     with pytest.raises(LayerIFError, match="lissa-depth"):
-        lissa_solve(factors, v.unsqueeze(0), lam, factors.n, depth=0)
+        lissa_solve(factors, v.unsqueeze(0), lam, factors.n, LissaSettings(depth=0))
 
 
 def single_token_factors(xs: torch.Tensor, deltas: torch.Tensor) -> MatrixFactors:

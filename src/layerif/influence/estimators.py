@@ -187,12 +187,12 @@ class Lissa(_Solved):
     name = "lissa"
 
     def solve(self, inputs, stack, lam, n):
-        from layerif.influence.lissa import LISSA_BATCH, LISSA_DEPTH, lissa_solve
+        from layerif.influence.lissa import LISSA_BATCH, LISSA_DEPTH, LissaSettings, lissa_solve
 
-        solved, details = lissa_solve(
-            inputs.train, stack.to(inputs.train.compute_dtype), lam, n,
-            depth=self.options.get("lissa_depth") or LISSA_DEPTH, scale=self.options.get("lissa_scale"),
-            batch_size=self.options.get("lissa_batch") or LISSA_BATCH, seed=self.options.get("seed", 0))
+        options = self.options
+        settings = LissaSettings(depth=options.get("lissa_depth") or LISSA_DEPTH, scale=options.get("lissa_scale"),
+                                 batch_size=options.get("lissa_batch") or LISSA_BATCH, seed=options.get("seed", 0))
+        solved, details = lissa_solve(inputs.train, stack.to(inputs.train.compute_dtype), lam, n, settings)
         return solved, details.to_dict()
 
 

@@ -94,6 +94,16 @@ class TokenFactors:
         return self.weighted_sums(self.dots(stack)) / divisor
 
 
+@dataclass(frozen=True)
+class LissaSettings:
+    """How to run the series: steps, scale (None: automatic), training samples per step, seed of the draws."""
+
+    depth: int = LISSA_DEPTH
+    scale: float | None = None
+    batch_size: int = LISSA_BATCH
+    seed: int = 0
+
+
 @dataclass
 class LissaInfo:
     """How a LiSSA solve went for one matrix."""
@@ -126,16 +136,8 @@ def top_eigenvalue(tokens: TokenFactors, divisor: float, start: torch.Tensor, it
     return value
 
 
-def lissa_solve(
-    factors: MatrixFactors,
-    stack: torch.Tensor,
-    lam: float,
-    n_effective: int,
-    depth: int = LISSA_DEPTH,
-    scale: float | None = None,
-    batch_size: int = LISSA_BATCH,
-    seed: int = 0,
-) -> tuple[torch.Tensor, LissaInfo]:
+def lissa_solve(factors: MatrixFactors, stack: torch.Tensor, lam: float, n_effective: int,
+                settings: LissaSettings = LissaSettings()) -> tuple[torch.Tensor, LissaInfo]:
     """(H + lambda I)^-1 v_k for a stack of vectors (k, d_out, d_in) by the LiSSA recursion, and how it converged.
 
     H = (1/n_effective) sum_i g_i g_i^T. Samples whose gradient is zero (left out, or no gradient at all)
@@ -144,6 +146,7 @@ def lissa_solve(
     and, with mini-batches, over 3 random mini-batches; should the series still diverge, the scale is raised
     4x and the series restarted (at most 3 times, counted in the info).
     """
+    depth, scale, batch_size = settings.depth, settings.scale, settings.batch_size
     if depth < 1:
         raise LayerIFError(f"--lissa-depth must be >= 1, got {depth}")
     if scale is not None and scale <= 0:
@@ -152,7 +155,7 @@ def lissa_solve(
     stack = stack.to(tokens.x.dtype)
     active = torch.nonzero(factors.sq_norms > 0).flatten()
     n_active = int(active.numel())
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     full_batch = batch_size >= n_active
     # each step's H_B = (n_active / n_effective) mean over B of g g^T, an unbiased draw of H
     divisor = n_effective if full_batch else batch_size * n_effective / max(n_active, 1)
@@ -162,7 +165,8 @@ def lissa_solve(
         scale = SCALE_SAFETY * (estimate + lam)
     while True:
         try:
-            h, marker = _recursion(tokens, stack, active, lam, scale, depth, batch_size, divisor, generator)
+            series = _Series(tokens, stack, active, lam, batch_size, divisor)
+            h, marker = series.run(scale, depth, generator)
             break
         except _Diverged as diverged:
             # an automatic scale comes from a few probes; a mini-batch may still have a larger top eigenvalue
@@ -198,34 +202,45 @@ def _probe_top_eigenvalue(tokens: TokenFactors, active: torch.Tensor, n_effectiv
     return largest
 
 
-def _recursion(tokens: TokenFactors, stack: torch.Tensor, active: torch.Tensor, lam: float, scale: float,
-               depth: int, batch_size: int, divisor: float,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, the same w steps earlier) of h_{k+1} = v + (I - (H_B + lambda I) / scale) h_k; raises _Diverged.
+@dataclass
+class _Series:
+    """One matrix's recursion h_{k+1} = v + (I - (H_B + lambda I) / scale) h_k over a stack of vectors v."""
 
-    h is the last iterate with full batches, the average over the second half of the steps otherwise.
-    """
-    n_active = int(active.numel())
-    full_batch = batch_size >= n_active
-    window = max(1, depth // 10)
-    bound = 10.0 * scale * float(stack.norm()) / max(lam, torch.finfo(torch.float64).tiny)
-    h = stack.clone()
-    marker = h
-    # with mini-batches the iterate keeps fluctuating around the solution: average it over the second half
-    tail_start = depth // 2 if not full_batch else depth
-    tail_sum = torch.zeros_like(h)
-    for step in range(depth):
-        batch = tokens if full_batch else tokens.subset(
-            active[torch.randperm(n_active, generator=generator)[:batch_size]])
-        h = stack + h - (batch.hvp(h, divisor) + lam * h) / scale
-        if step >= tail_start:
-            tail_sum += h
-        if step == depth - 1 - window:
-            marker = h if full_batch else tail_sum / max(step + 1 - tail_start, 1)
-        if (step + 1) % 25 == 0 or step == depth - 1:
-            size = float(h.norm())
-            if not size < bound:  # also catches NaN
-                raise _Diverged(size, step + 1)
-    if not full_batch:
-        h = tail_sum / (depth - tail_start)
-    return h, marker
+    tokens: TokenFactors
+    stack: torch.Tensor
+    active: torch.Tensor  # samples that may be drawn
+    lam: float
+    batch_size: int
+    divisor: float  # H_B = (1 / divisor) sum_{i in B} g_i g_i^T
+
+    def run(self, scale: float, depth: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, the same w steps earlier); raises _Diverged.
+
+        h is the last iterate with full batches, the average over the second half of the steps otherwise.
+        """
+        tokens, stack, active, lam, batch_size, divisor = (self.tokens, self.stack, self.active, self.lam,
+                                                           self.batch_size, self.divisor)
+        n_active = int(active.numel())
+        full_batch = batch_size >= n_active
+        window = max(1, depth // 10)
+        bound = 10.0 * scale * float(stack.norm()) / max(lam, torch.finfo(torch.float64).tiny)
+        h = stack.clone()
+        marker = h
+        # with mini-batches the iterate keeps fluctuating around the solution: average it over the second half
+        tail_start = depth // 2 if not full_batch else depth
+        tail_sum = torch.zeros_like(h)
+        for step in range(depth):
+            batch = tokens if full_batch else tokens.subset(
+                active[torch.randperm(n_active, generator=generator)[:batch_size]])
+            h = stack + h - (batch.hvp(h, divisor) + lam * h) / scale
+            if step >= tail_start:
+                tail_sum += h
+            if step == depth - 1 - window:
+                marker = h if full_batch else tail_sum / max(step + 1 - tail_start, 1)
+            if (step + 1) % 25 == 0 or step == depth - 1:
+                size = float(h.norm())
+                if not size < bound:  # also catches NaN
+                    raise _Diverged(size, step + 1)
+        if not full_batch:
+            h = tail_sum / (depth - tail_start)
+        return h, marker
