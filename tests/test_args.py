@@ -117,14 +117,16 @@ def test_validate_names_the_option(change, message):
 def test_estimator_choices_follow_the_registry(monkeypatch):
     from layerif.influence import estimators
 
-    with pytest.raises(LayerIFError, match="unknown estimator 'lissa'"):
-        ScoreConfig(estimator="lissa").validate()
-    monkeypatch.setattr(estimators, "ESTIMATORS", (*estimators.ESTIMATORS, "lissa"))
-    ScoreConfig(estimator="lissa").validate()
+    for name in ("lissa", "ekfac"):
+        ScoreConfig(estimator=name).validate()
+    with pytest.raises(LayerIFError, match="unknown estimator 'tracin'"):
+        ScoreConfig(estimator="tracin").validate()
+    monkeypatch.setattr(estimators, "ESTIMATORS", (*estimators.ESTIMATORS, "tracin"))
+    ScoreConfig(estimator="tracin").validate()
 
 
 def test_a_callable_loss_passes_validation():
-    ScoreConfig(loss=lambda logits, labels: logits.sum()).validate()
+    ScoreConfig(loss=lambda logits, batch: logits.sum(dim=(1, 2))).validate()
     ScoreConfig(loss="answer", max_memory="1GiB", lissa_scale=2.0).validate()
 
 

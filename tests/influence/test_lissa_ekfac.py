@@ -210,9 +210,7 @@ def _scores(estimator: str, train, val, layers: int = 2, **settings):
     from layerif.api import ScoreConfig, score_layers
     from tests.conftest import TinyTokenizer, tiny_llama
 
-    config = ScoreConfig(estimator=estimator, compute_dtype="float64", batch_size=5, quiet=True)
-    for name, value in settings.items():  # estimator settings (lissa_depth, ...) and strategy
-        setattr(config, name, value)
+    config = ScoreConfig(estimator=estimator, compute_dtype="float64", batch_size=5, quiet=True, **settings)
     return score_layers(tiny_llama(layers=layers, seed=1), TinyTokenizer(), train, val, config)
 
 
