@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=300)
     parser.add_argument("--n-val", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--timed-layers", type=int, default=2, help="layers timed for (b), extrapolated to all")
+    parser.add_argument("--timed-layers", type=int, default=2, help="layers timed for (b), extrapolated to all; 0 skips (b)")
     parser.add_argument("--baseline-train", type=int, default=None,
                         help="(b): time on this many training rows and scale linearly to --n-train")
     parser.add_argument("--baseline-val", type=int, default=None,
@@ -96,7 +96,7 @@ def main() -> None:
     from layerif.models import find_blocks
 
     n_layers = len(find_blocks(model)[1])
-    timed = [round(i * (n_layers - 1) / max(args.timed_layers - 1, 1)) for i in range(args.timed_layers)]
+    timed = sorted({round(i * (n_layers - 1) / max(args.timed_layers - 1, 1)) for i in range(args.timed_layers)})
     scores = LayerScores.load(a["out"])
     per_layer = []
     for layer in timed:
@@ -116,8 +116,8 @@ def main() -> None:
         per_layer.append(result)
         print(f"    gradients {result['gradients_s']:.1f} s, DataInf loops {result['datainf_s']:.1f} s "
               f"(measured on {result['measured_on']} rows, scaled)", flush=True)
-    b_per_layer = sum(r["gradients_s"] + r["datainf_s"] for r in per_layer) / len(per_layer)
-    b = b_per_layer * n_layers
+    b_per_layer = sum(r["gradients_s"] + r["datainf_s"] for r in per_layer) / len(per_layer) if per_layer else None
+    b = b_per_layer * n_layers if per_layer else None
     summary = {
         "setup": {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)", "data": "MRPC train/validation",
                   "n_train": args.n_train, "n_val": args.n_val, "batch_size": args.batch_size,
@@ -125,7 +125,7 @@ def main() -> None:
         "a_layerif": a, "b_paper_style": {"per_layer": per_layer, "timed_layers": timed,
                                           "extrapolated_total_s": b, "per_layer_mean_s": b_per_layer},
         "c_plain_fwd_bwd_s": c,
-        "ratios": {"b_over_a": b / a["wall_s"], "a_over_c": a["wall_s"] / c,
+        "ratios": {"b_over_a": b / a["wall_s"] if b else None, "a_over_c": a["wall_s"] / c,
                    "a_over_c_limit": 1.5 * a["passes"],
                    "a_scoring_only_over_c": a["timings_s"]["influence_s"] / c},
         "command": "python " + " ".join([f"bench/{Path(__file__).name}", *sys.argv[1:]]),
@@ -144,16 +144,19 @@ def main() -> None:
         f"| (a) `layerif score` end to end ({a['passes']} pass(es), plan `{a['plan']['mode']}`, model load included) | {a['wall_s']:.1f} |",
         f"| (a) of which model load | {a['timings_s']['load_model_s']:.1f} |",
         f"| (a) of which passes + estimator | {a['timings_s']['influence_s']:.1f} |",
-        f"| (b) released-code style, per layer (mean of layers {timed}) | {b_per_layer:.1f} |",
-        f"| (b) extrapolated to {n_layers} layers | {b:.0f} |",
+        *([f"| (b) released-code style, per layer (mean of layers {timed}) | {b_per_layer:.1f} |",
+           f"| (b) extrapolated to {n_layers} layers | {b:.0f} |"] if per_layer else []),
         f"| (c) plain batched forward+backward over {args.n_train + args.n_val} samples | {c:.1f} |",
         "",
-        f"- (b)/(a) = **{ratios['b_over_a']:.1f}x** (target >= 50x)",
+        *([f"- (b)/(a) = **{ratios['b_over_a']:.1f}x** (target >= 50x)"] if per_layer else
+          ["- (b) not timed in this run (--timed-layers 0)"]),
         f"- (a)/(c) = **{ratios['a_over_c']:.2f}** (target <= 1.5 x passes = {ratios['a_over_c_limit']:.1f}); "
         f"scoring alone / (c) = {ratios['a_scoring_only_over_c']:.2f}",
         f"- peak RSS of (a): {a['peak_rss_gib']:.2f} GiB; plan: {a['plan']['reason']}",
     ]
-    if all("max_rel_diff_vs_layerif" in r for r in per_layer):
+    if not per_layer:
+        pass
+    elif all("max_rel_diff_vs_layerif" in r for r in per_layer):
         lines.append("- agreement of (b) with (a) on the timed layers (max relative difference of q): "
                      + ", ".join(f"layer {r['layer']}: {r['max_rel_diff_vs_layerif']:.1e}" for r in per_layer))
     else:

@@ -197,5 +197,12 @@ def test_depth_and_random_controls(seed):
     _check(depth.counts, budget, n_layers)
     assert np.all(np.diff(depth.counts) >= 0) and depth.counts[-1] > depth.counts[0]
     assert depth.counts == layerif_counts(np.arange(n_layers), budget, 2.5).tolist()
+    # with scores, the ramp spans their range: same spread as LayerIF, placement by depth only
+    values = np.random.default_rng(seed).uniform(1.0, 1.6, n_layers)
+    ramped = allocate_experts("depth", n_layers, budget, scores=values, beta=2.5)
+    ramp = values.min() + (values.max() - values.min()) * np.arange(n_layers) / (n_layers - 1)
+    assert ramped.counts == layerif_counts(ramp, budget, 2.5).tolist()
+    assert np.all(np.diff(ramped.counts) >= 0) and max(ramped.counts) - min(ramped.counts) < \
+        max(depth.counts) - min(depth.counts)
     with pytest.raises(LayerIFError, match="scores"):
         allocate_experts("random", n_layers, budget)

@@ -1,7 +1,9 @@
 """Per-layer LoRA expert counts: LayerIF, its controls, AlphaLoRA, MoLA shapes, uniform, or an explicit list.
 
-Controls (DESIGN §7) use the LayerIF map itself: `depth` takes the layer index 0..L-1 as the score (s^β shares,
-so layer 0 keeps the minimum of one expert and the spread is set by β alone); `random` is the LayerIF counts
+Controls (DESIGN §7) use the LayerIF map itself: `depth` takes a straight ramp over the layer index as the score.
+Given layer scores, the ramp runs from their minimum to their maximum, so the s^β map sees the same spread as
+LayerIF and only the placement (by depth) differs; without scores it is the index 0..L-1 itself (layer 0 then
+keeps the minimum of one expert and β alone sets the spread, a much steeper profile). `random` is the LayerIF counts
 permuted across layers by a seeded permutation (same counts, random placement); `reversed` mirrors the scores.
 """
 
@@ -253,6 +255,12 @@ def allocate_experts(
         from layerif.allocate.sparsity import depth_scores
 
         used = depth_scores(n_layers)
+        if scores is not None:
+            values = _check_scores(scores)
+            if len(values) != n_layers:
+                raise LayerIFError(f"the scores cover {len(values)} layers but the model has {n_layers}")
+            used = values.min() + (values.max() - values.min()) * used / max(n_layers - 1, 1)
+            arguments["ramp"] = "scores' range"
         counts = layerif_counts(used, budget, beta)
         return ExpertAllocation(method, counts.tolist(), top_k_for(counts, top_k), used.tolist(), arguments)
     if method == "uniform":

@@ -49,7 +49,7 @@ def expert_allocation(
 
     scores = None
     arguments: dict = {"allocation": method, "score": score}
-    if method in ("layerif", "reversed", "random"):
+    if method in ("layerif", "reversed", "random") or (method == "depth" and scores_dir is not None):
         if scores_dir is None:
             raise LayerIFError(f"--allocation {method} needs --scores (a folder written by `layerif score`)")
         from layerif.scores import LayerScores
