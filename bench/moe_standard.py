@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from study import Units, acc_text, describe_state, machine_state
+from study import PlannedUnits, Units, acc_text, describe_state, machine_state
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "moe"
@@ -346,22 +346,10 @@ def write_plot(study: MoEStudy, tasks, kept) -> None:
     plt.close(figure)
 
 
-class PlannedUnits(Units):
-    """Units that only record what would run (for --plan)."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.planned: list[str] = []
-
-    def run(self, key: str, compute) -> dict:
-        if self.done(key):
-            return self.load(key)
-        self.planned.append(key)
-        return {"base": [0], "points": [{"step": MAX_STEPS, "correct": [1]}]}
 
 
 def print_plan(tasks) -> None:
-    units = PlannedUnits(WORK)
+    units = PlannedUnits(WORK, {"base": [0], "points": [{"step": MAX_STEPS, "correct": [1]}]})
     schedule(MoEStudy(units), tasks, report=False)
     total = 0.0
     for key in units.planned:

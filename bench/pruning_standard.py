@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from study import Units, acc_text, describe_state, machine_state, ppl_text
+from study import PlannedUnits, Units, acc_text, describe_state, machine_state, ppl_text
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -293,24 +293,11 @@ def unit_kind(key: str) -> str:
     return "inputs-owl" if key.startswith("inputs-owl") else parts[0] if parts[0] != "inputs" else key
 
 
-class PlannedUnits(Units):
-    """Units that only record what would run (for --plan): unfinished units return a placeholder."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.planned: list[str] = []
-
-    def run(self, key: str, compute) -> dict:
-        if self.done(key):
-            return self.load(key)
-        if key not in self.planned:
-            self.planned.append(key)
-        return {"valid_ppl": 0.0}
 
 
 def print_plan(settings, variants: bool) -> None:
     """Every unfinished unit in run order with the projected cumulative hours."""
-    units = PlannedUnits(WORK)
+    units = PlannedUnits(WORK, {"valid_ppl": 0.0})
     schedule(Study(units, 2), settings, variants=False, report=False)
     measured: dict[str, list[float]] = {}
     for path in WORK.glob("*.json") if WORK.is_dir() else []:

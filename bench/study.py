@@ -110,3 +110,19 @@ def ppl_text(comparison) -> str:
     """Log-perplexity difference as a perplexity ratio A/B with its interval and p-value."""
     c = comparison
     return f"×{math.exp(c.estimate):.3f} [{math.exp(c.low):.3f}, {math.exp(c.high):.3f}], p={c.p_value:.3g}"
+
+
+class PlannedUnits(Units):
+    """Units that only record what would run (for --plan): an unfinished unit returns `placeholder`."""
+
+    def __init__(self, folder: Path, placeholder: dict):
+        self.folder = Path(folder)
+        self.placeholder = placeholder
+        self.planned: list[str] = []
+
+    def run(self, key: str, compute) -> dict:
+        if self.done(key):
+            return self.load(key)
+        if key not in self.planned:
+            self.planned.append(key)
+        return self.placeholder

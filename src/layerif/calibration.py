@@ -211,3 +211,17 @@ class InputStats:
 def wanda_scores(weight: torch.Tensor, input_sq_norm: torch.Tensor) -> torch.Tensor:
     """Wanda importance |W_ij| · ‖X_j‖₂ for W in (d_out, d_in) and the per-input-feature squared norm of X."""
     return weight.detach().abs().float() * input_sq_norm.float().clamp(min=0).sqrt().unsqueeze(0)
+
+
+def check_calibration_arguments(calib: str | None, sequences: int, length: int | None) -> None:
+    """Refuse a missing calibration file or impossible calibration sizes, before anything is loaded."""
+    from pathlib import Path
+
+    from layerif.errors import LayerIFError
+
+    if calib is not None and not Path(calib).is_file():
+        raise LayerIFError(f"calibration file not found: {calib}")
+    if sequences < 1:
+        raise LayerIFError(f"--calib-sequences must be >= 1, got {sequences}")
+    if length is not None and length < 2:
+        raise LayerIFError(f"--calib-length must be >= 2, got {length}")

@@ -110,12 +110,9 @@ class SparsityJob:
             raise LayerIFError(f"--allocation {self.allocation} needs --scores")
         if self.allocation == "owl" and self.calib is None:
             raise LayerIFError("--allocation owl needs --calib")
-        if self.calib is not None and not Path(self.calib).is_file():
-            raise LayerIFError(f"calibration file not found: {self.calib}")
-        if self.calib_sequences < 1:
-            raise LayerIFError(f"--calib-sequences must be >= 1, got {self.calib_sequences}")
-        if self.calib_length is not None and self.calib_length < 2:
-            raise LayerIFError(f"--calib-length must be >= 2, got {self.calib_length}")
+        from layerif.calibration import check_calibration_arguments
+
+        check_calibration_arguments(self.calib, self.calib_sequences, self.calib_length)
         check_scores_folder(self.scores)
         check_model_argument(self.model)
         folder = self.output_folder()

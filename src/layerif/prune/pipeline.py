@@ -66,12 +66,9 @@ class PruneJob:
             raise LayerIFError(f"--allocation {self.allocation} needs --scores (a `layerif score` run folder)")
         if (self.method != "magnitude" or self.allocation == "owl") and self.calib is None:
             raise LayerIFError("this method/allocation needs calibration text: pass --calib")
-        if self.calib is not None and not Path(self.calib).is_file():
-            raise LayerIFError(f"calibration file not found: {self.calib}")
-        if self.calib_sequences < 1:
-            raise LayerIFError(f"--calib-sequences must be >= 1, got {self.calib_sequences}")
-        if self.calib_length is not None and self.calib_length < 2:
-            raise LayerIFError(f"--calib-length must be >= 2, got {self.calib_length}")
+        from layerif.calibration import check_calibration_arguments
+
+        check_calibration_arguments(self.calib, self.calib_sequences, self.calib_length)
         if self.batch_size < 1:
             raise LayerIFError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.seed < 0:
