@@ -170,8 +170,11 @@ def _score(run: ScoreRun, folder: OutputFolder, staging: Path | None) -> tuple[L
         return scores, out
 
     clock = time.perf_counter()
+    from layerif.models import find_blocks
+
     scores.metadata["model"] = {"source": loaded.source, "gguf_file": loaded.gguf_file,
-                                "revision": loaded.revision, "class": type(loaded.model).__name__}
+                                "revision": loaded.revision, "class": type(loaded.model).__name__,
+                                "blocks_path": find_blocks(loaded.model)[0]}
     scores.save(staging)
     plot_layer_scores(scores, staging / "layer_scores.png", title=f"LayerIF scores — {loaded.source}")
     timings["write_s"] = time.perf_counter() - clock

@@ -211,3 +211,24 @@ def test_controls_keep_the_target_and_the_layerif_map(sparsity, epsilon):
     assert not np.array_equal(placement(N_BLOCKS, 0), placement(N_BLOCKS, 1))
     with pytest.raises(LayerIFError, match="scores"):
         block_ratios("random", 0.5, np.full(N_BLOCKS, 10))
+
+
+def test_ratios_from_scores_use_the_model_module_names_when_the_run_recorded_them():
+    """One naming scheme: allocate_from_scores keys equal allocate_sparsity's when the run knows the block path."""
+    from layerif.allocate.sparsity import allocate_from_scores, allocate_sparsity
+    from layerif.models import select_matrices
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(layers=3)
+    per_block = select_matrices(model, modules="all")
+    names = [ref.name for ref in per_block[0]]
+    q = torch.randn(3, 10, generator=torch.Generator().manual_seed(0)) + torch.arange(3.0).unsqueeze(1)
+    block_params = [sum(ref.n_params for ref in refs) for refs in per_block]
+    scores = LayerScores(q=q, module_names=names, q_modules=q.unsqueeze(1).repeat(1, len(names), 1) / len(names),
+                         n_params=block_params, n_val=4, metadata={"model": {"blocks_path": "model.layers"}})
+    from_scores = allocate_from_scores(scores, 0.5, 0.2, smooth_scores=False)
+    with_model = allocate_sparsity(model, "layerif", 0.5, scores=scores, epsilon=0.2, smooth_scores=False)
+    assert set(from_scores.matrix_ratios) == set(with_model.matrix_ratios)
+    assert from_scores.matrix_ratios == pytest.approx(with_model.matrix_ratios)
+    scores.metadata = {}
+    assert all(key.startswith("blocks.") for key in allocate_from_scores(scores, 0.5, 0.2).matrix_ratios)

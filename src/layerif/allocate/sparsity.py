@@ -323,7 +323,10 @@ def allocate_from_scores(
     ratios, metric_name, metric, unclipped = block_ratios(
         allocation, sparsity, block_params, scores=scores.scores(score_name), epsilon=epsilon,
         smooth_scores=smooth_scores, seed=seed)
-    matrix_ratios = {f"blocks.{layer}.{name}": float(ratios[layer])
+    # the model's own module names when the run recorded where its blocks live (as allocate_sparsity names them)
+    model_record = scores.metadata.get("model") if isinstance(scores.metadata.get("model"), dict) else {}
+    prefix = model_record.get("blocks_path") or "blocks"
+    matrix_ratios = {f"{prefix}.{layer}.{name}": float(ratios[layer])
                      for layer in range(scores.n_layers) for name in scores.module_names}
     arguments = {"sparsity": sparsity, "epsilon": epsilon, "score": score_name, "smooth": smooth_scores,
                  "smoothing": "savgol(7, 3)" if smooth_scores else None, "block_params_from": "scores"}
