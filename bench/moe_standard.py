@@ -31,8 +31,6 @@ finished and a rerun continues. `--plan` lists the units left with projected tim
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import time
@@ -40,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from study import PlannedUnits, Units, acc_text, describe_state, machine_state
+from study import PlannedUnits, Units, acc_text, describe_state, machine_state, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "moe"
@@ -239,7 +237,6 @@ def records(study: MoEStudy, task: str, method: str) -> list[dict]:
 def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --standard", final: bool = False) -> None:
     """bench/results/moe_standard.md, .csv, .png from every finished unit."""
     from layerif.evaluate.stats import compare_accuracy
-    from layerif.io import atomic_write_text
 
     units = study.units
     invocations = units.log_invocation({"started": STARTED, "command": command, "state": START_STATE,
@@ -299,14 +296,7 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
                      f"({acc_text(comparison)})")
     if not verdicts:
         lines.append("No comparison has finished yet.")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / f"{REPORT}.md", "\n".join(lines) + "\n")
-    if csv_rows:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(csv_rows[0]))
-        writer.writeheader()
-        writer.writerows(csv_rows)
-        atomic_write_text(RESULTS / f"{REPORT}.csv", buffer.getvalue())
+    write_tables(RESULTS, REPORT, lines, csv_rows)
     write_plot(study, tasks, kept)
 
 

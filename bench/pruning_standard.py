@@ -36,8 +36,6 @@ with its projected cumulative time, from the measured times of finished units wh
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -45,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from study import PlannedUnits, Units, acc_text, describe_state, machine_state, ppl_text
+from study import PlannedUnits, Units, acc_text, describe_state, machine_state, ppl_text, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -379,7 +377,6 @@ def spread(values: list[float], digits: int = 1, scale: float = 1.0) -> str:
 
 def write_report(study: Study, command: str = "python bench/pruning.py --standard", final: bool = False) -> None:
     """bench/results/pruning_standard.md, .csv, .png from every finished unit (partial tables included)."""
-    from layerif.io import atomic_write_text
 
     units = study.units
     dense = units.get("dense")
@@ -434,14 +431,8 @@ def write_report(study: Study, command: str = "python bench/pruning.py --standar
         lines.append("")
     lines += ["## Verdict", "", *verdict_lines(verdicts), ""]
     lines += epsilon_appendix(study) + profile_appendix(study)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / f"{REPORT}.md", "\n".join(lines) + "\n")
+    write_tables(RESULTS, REPORT, lines, csv_rows)
     if csv_rows:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(csv_rows[0]))
-        writer.writeheader()
-        writer.writerows(csv_rows)
-        atomic_write_text(RESULTS / f"{REPORT}.csv", buffer.getvalue())
         write_plot(study)
 
 

@@ -126,3 +126,20 @@ class PlannedUnits(Units):
         if key not in self.planned:
             self.planned.append(key)
         return self.placeholder
+
+
+def write_tables(results: Path, stem: str, lines: list[str], csv_rows: list[dict]) -> None:
+    """Write a study's markdown report and, when any unit finished, its CSV (both atomically)."""
+    import csv
+    import io
+
+    from layerif.io import atomic_write_text
+
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / f"{stem}.md", "\n".join(lines) + "\n")
+    if csv_rows:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(csv_rows[0]))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+        atomic_write_text(results / f"{stem}.csv", buffer.getvalue())
