@@ -282,7 +282,9 @@ def main() -> None:
     parser.add_argument("--standard", action="store_true",
                         help="The standard study (controls, ε on validation, seeds, paired statistics; hours).")
     parser.add_argument("--settings", help="--standard: only these pruner-sparsity settings, e.g. wanda-70,wanda-60.")
-    parser.add_argument("--no-variants", action="store_true", help="--standard: skip the LayerIF variants.")
+    parser.add_argument("--full", action="store_true",
+                        help="--standard: the whole grid (3 settings x 3 seeds, every baseline, variants; ≈ 30 h).")
+    parser.add_argument("--no-variants", action="store_true", help="--standard --full: skip the LayerIF variants.")
     parser.add_argument("--report-only", action="store_true", help="--standard: only rewrite the tables.")
     parser.add_argument("--smoke", action="store_true", help="--standard at tiny sizes (checks the code).")
     parser.add_argument("--model", default="smollm2-135m", help="--standard --smoke: another (tiny) model folder.")
@@ -295,7 +297,7 @@ def main() -> None:
         import pruning_standard
 
         pruning_standard.main(args.threads, args.settings, not args.no_variants, args.report_only, args.smoke,
-                              args.model, args.plan)
+                              args.model, args.plan, args.full)
         return
     preset_name = "reference" if args.reference else "quick" if args.quick else "full"
     preset = PRESETS[preset_name]

@@ -4,34 +4,35 @@ SmolLM2-135M (built-in GGUF, float32). Everything the DESIGN §7 asks of a resul
 
 - LayerIF scores at the paper's size, 300 x 50, once per profile: `tasks` (a mix of the zero-shot tasks' train
   splits, the first 75 rows of each of BoolQ, ARC-e, ARC-c, OpenBookQA as train and the next 12-13 of each as
-  validation) and `wikitext` (128-token chunks of the calibration part of WikiText-2 valid); S_pos and S_top25
-  come from the same run. Variants (`--modules attn` scores, no smoothing, the WikiText profile) run only at the
-  settings where LayerIF S_pos is not better than `depth` on test perplexity, as the issue asks.
-- Settings (pruner, sparsity): Wanda 70 %, SparseGPT 70 %, Wanda 60 %, in that order; calibration 128 x 512
-  tokens of WikiText-2 valid (its calibration part), 3 seeds.
-- Allocations: uniform, OWL, AlphaPruning, LayerIF S_pos and S_top25, reversed, depth, random (5 placement
-  seeds, calibration seed = placement seed mod 3).
-- ε for LayerIF S_pos, depth and AlphaPruning chosen from {0.05, 0.1, 0.2, 0.3} by perplexity on the last 32
+  validation); S_pos and S_top25 come from the same run.
+- Standard grid (what fits 2.5 h on 2 idle cores): Wanda at 70 %, calibration 128 x 512 tokens of WikiText-2
+  valid (its calibration part), calibration seed 0; allocations LayerIF S_pos, depth, random (placement seed 0)
+  and uniform.
+- ε for LayerIF S_pos and depth chosen from {0.05, 0.1, 0.2, 0.3} by perplexity on the last 32
   non-overlapping 512-token windows of WikiText-2 valid (never drawn for calibration), calibration seed 0;
-  S_top25, reversed, random and the variants use the ε chosen for LayerIF S_pos.
+  random uses the ε chosen for LayerIF S_pos (same spread, placement permuted).
 - Test: perplexity on the first 200 windows of 512 tokens of WikiText-2 test, zero-shot ARC-e, ARC-c,
   OpenBookQA, RTE on the first 500 rows each (BoolQ in its own column: its rows carry no passage).
 - Statistics: per-window NLL and per-row correctness kept; paired bootstrap (10,000 seeded resamples) of
-  LayerIF minus each alternative, seeds averaged inside a resample; spread over seeds beside it.
+  LayerIF minus each alternative, seeds averaged inside a resample; spread over seeds beside it when a
+  configuration has several runs.
+- `--full` continues the same work folder with the whole grid the issue describes: Wanda 70 %, SparseGPT 70 %,
+  Wanda 60 %; 3 calibration seeds; random over 5 placement seeds; OWL, AlphaPruning (ε tuned), LayerIF S_top25,
+  reversed; the dense model; and the LayerIF variants (WikiText-2 score profile, `--modules attn` scores, no
+  smoothing) where S_pos does not beat depth. Its report is bench/results/pruning_full.md.
 
-Sizing. Units run in priority order (per setting: ε selection, then seed round 0 of every allocation in MAIN
-order, then rounds 1, 2, ...; settings in order; variants last) and each is saved under
-runs/bench-pruning-standard/, so a run stopped at any time leaves complete tables for what finished and a
-rerun continues. Cost model on 2 idle cores (forward ≈ 450 tokens/s for this model, from the committed
-score_speed and quick-pruning timings; the session that wrote this could not time a unit itself, the machine
-being saturated): test evaluation = 200 x 512 perplexity tokens + ≈ 7,500 lm-eval requests of ≈ 60 tokens
-≈ 550k tokens ≈ 1,230 s; Wanda prune (128 x 512 calibration) ≈ 110 s, SparseGPT ≈ 450 s; ε-selection unit =
-prune + 32 validation windows ≈ 150 s (Wanda); one 300 x 50 scoring ≈ 450 s; dense evaluation ≈ 1,270 s.
-Phase A (the question) = dense + tasks scores + 8 Wanda-70 selection units + LayerIF, depth, random, uniform
-at seed 0 ≈ 1,270 + 450 + 1,200 + 4 x 1,340 ≈ 8,300 s ≈ 2.3 h: the 2.5 h budget holds the question, not the
-whole grid (≈ 26 test units per setting ≈ 10 h for Wanda 70 % alone). The statistics are never shrunk (200
-windows, 500 rows, 10,000 resamples); the grid is, by stopping the run: `--plan` prints every unit in order
-with its projected cumulative time, from the measured times of finished units when there are any.
+Sizing, measured on 2 idle cores (this machine, float32, torch 2 threads): one forward runs ≈ 242 tokens/s at
+512 tokens; a Wanda prune with 128 x 512 calibration takes 320 s (two block passes: statistics, then the pruned
+outputs for the next block); test perplexity (200 x 512) ≈ 420 s; zero-shot, 500 rows of five tasks ≈ 700 s
+(lm-eval; ARC-c is the slowest, 24 s per 50 rows); one 300 x 50 scoring ≈ 550 s. So a test unit costs ≈ 1,440 s
+(≈ 1,120 s when it reuses the saved mask of its ε-selection prune), an ε-selection unit ≈ 395 s. Standard
+grid: scores 550 + 8 selection units 3,160 + 2 test units with reused masks 2,240 + 2 test units 2,880 ≈
+8,830 s ≈ 2.45 h. The whole grid is ≈ 30 h, which is why it is `--full`: the standard grid keeps the statistics
+(200 windows, 500 rows, 10,000 resamples) and shrinks the grid (one setting, one calibration seed, one
+placement seed, the two controls and uniform). Units run in priority order and each is saved under
+runs/bench-pruning-standard/, so a run stopped at any time leaves complete tables for what finished and a rerun
+continues; `--plan` prints every unit left with its projected cumulative time, from the measured times of
+finished units when there are any.
 """
 
 from __future__ import annotations
@@ -55,17 +56,23 @@ SCORE_TASKS = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
 ZS_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "rte")
 SIDE_TASK = "boolq"  # passage-less: reported in its own column, not in the mean
 # (pruner, sparsity), in the order they run: the first is the headline setting
-SETTINGS = (("wanda", 0.7), ("sparsegpt", 0.7), ("wanda", 0.6))
+# The standard grid is what fits 2.5 h on 2 idle cores (see Sizing); `--full` runs the whole grid below it.
+SETTINGS = (("wanda", 0.7),)
 EPSILONS = (0.05, 0.1, 0.2, 0.3)
 TUNED = ("layerif", "depth", "alphapruning")  # the allocations whose ε is chosen on validation
-CALIB_SEEDS = (0, 1, 2)
-RANDOM_SEEDS = (0, 1, 2, 3, 4)
+CALIB_SEEDS = (0,)
+RANDOM_SEEDS = (0,)
+FULL_SETTINGS = (("wanda", 0.7), ("sparsegpt", 0.7), ("wanda", 0.6))
+FULL_CALIB_SEEDS = (0, 1, 2)
+FULL_RANDOM_SEEDS = (0, 1, 2, 3, 4)
 CALIB_SEQUENCES, CALIB_LENGTH = 128, 512
 PPL_WINDOWS, PPL_LENGTH, LIMIT = 200, 512, 500
 SELECT_WINDOWS = 32
 SCORE_TRAIN, SCORE_VAL = 300, 50
 # priority order: the first four answer "does LayerIF beat the depth prior / random placement?"
-MAIN = ("layerif", "depth", "random", "uniform", "alphapruning", "owl", "layerif-top25", "reversed")
+MAIN = ("layerif", "depth", "random", "uniform")
+FULL_MAIN = (*MAIN, "alphapruning", "owl", "layerif-top25", "reversed")
+FULL = False  # set by --full
 VARIANTS = ("layerif-wikitext", "layerif-attn", "layerif-nosmooth")
 # what each allocation of the study is: library allocation, score profile, score, smoothing, whose ε it uses
 SPECS = {
@@ -82,8 +89,8 @@ SPECS = {
     "layerif-nosmooth": ("layerif", "tasks", "S_pos", False, "layerif"),
 }
 # seconds per unit kind on 2 idle cores, used by --plan until finished units give measured times
-ESTIMATES = {"dense": 1270, "scores": 450, "inputs-alpha": 60, "inputs-owl": 150, "select-wanda": 150,
-             "select-sparsegpt": 490, "test-wanda": 1340, "test-sparsegpt": 1680}
+ESTIMATES = {"dense": 1130, "scores": 550, "inputs-alpha": 60, "inputs-owl": 330, "select-wanda": 395,
+             "select-sparsegpt": 700, "test-wanda": 1440, "test-sparsegpt": 1800}
 
 
 def setting_name(method: str, sparsity: float) -> str:
@@ -208,7 +215,15 @@ class Study:
         model, _ = self.reset()
         plan = allocate_sparsity(model, library, sparsity, scores=scores, epsilon=0.3 if epsilon is None else epsilon,
                                  smooth_scores=smooth, alpha=alpha, outlier=outlier, seed=place_seed)
+        # Wanda only zeroes weights, so its mask is the whole result: the ε-selection prune at calibration seed 0
+        # is saved and the test run of the chosen ε reuses it instead of pruning again (≈ 320 s each).
+        masks = None if method == "sparsegpt" else self.units.folder / "masks" / (
+            f"{setting_name(method, sparsity)}-{allocation}-e{epsilon}-s{calib_seed}-r{place_seed}.npz")
+        if masks is not None and masks.is_file():
+            return model, plan, apply_masks(model, masks)
         report = prune_model(model, plan.matrix_ratios, method, self.calib(calib_seed), quiet=True)
+        if masks is not None:
+            save_masks(model, list(plan.matrix_ratios), masks)
         return model, plan, report
 
     def selection_unit(self, method: str, sparsity: float, allocation: str, epsilon: float) -> dict:
@@ -241,7 +256,8 @@ class Study:
             record = evaluate(model, self.model()[1])
             record.update(epsilon=epsilon, calib_seed=calib_seed, place_seed=place_seed,
                           block_ratios=plan.block_ratios.tolist(), measured_sparsity=report.overall,
-                          clipped=plan.clipped, prune_s=t1 - t0, eval_s=time.perf_counter() - t1)
+                          clipped=plan.clipped, prune_s=t1 - t0, eval_s=time.perf_counter() - t1,
+                          mask_reused=isinstance(report, ReusedPrune))
             return record
 
         return self.units.run(unit_key(method, sparsity, allocation, calib_seed, place_seed), compute)
@@ -257,6 +273,42 @@ class Study:
             return record
 
         return self.units.run("dense", compute)
+
+
+class ReusedPrune:
+    """What a test unit needs of a prune whose mask was loaded rather than computed."""
+
+    def __init__(self, overall: float):
+        self.overall = overall
+
+
+def save_masks(model, names: list[str], path: Path) -> None:
+    """The zero pattern of every pruned matrix, bit-packed, written atomically."""
+    from layerif.io import atomic_write
+
+    arrays = {}
+    for name in names:
+        zero = (model.get_submodule(name).weight == 0).cpu().numpy()
+        arrays[name] = np.packbits(zero.ravel())
+        arrays[f"{name}//shape"] = np.asarray(zero.shape)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+def apply_masks(model, path: Path) -> ReusedPrune:
+    """Zero the weights a saved mask marks; returns the overall sparsity of the masked matrices."""
+    zeros = total = 0
+    with np.load(path) as saved, torch.no_grad():
+        for name in [key for key in saved.files if "//" not in key]:
+            shape = tuple(saved[f"{name}//shape"])
+            zero = np.unpackbits(saved[name], count=int(np.prod(shape))).reshape(shape).astype(bool)
+            weight = model.get_submodule(name).weight
+            weight.masked_fill_(torch.from_numpy(zero).to(weight.device), 0.0)
+            zeros, total = zeros + int(zero.sum()), total + zero.size
+    return ReusedPrune(zeros / total)
 
 
 def unit_key(method: str, sparsity: float, allocation: str, calib_seed: int, place_seed: int = 0) -> str:
@@ -306,12 +358,15 @@ def print_plan(settings, variants: bool) -> None:
     for key in reversed(extra):
         if not units.done(key):
             first_use = {"scores-tasks": "-layerif", "inputs-alpha": "-alphapruning"}.get(key, f"owl-s{key[-1]}")
-            at = next((i for i, k in enumerate(planned) if first_use in k), len(planned))
-            planned.insert(at, key)
+            at = next((i for i, k in enumerate(planned) if first_use in k), None)
+            if at is not None:  # an input only the full grid uses is not planned
+                planned.insert(at, key)
     total = 0.0
     for key in planned:
         kind = unit_kind(key)
         seconds = float(np.mean(measured[kind])) if kind in measured else ESTIMATES.get(kind, 1340)
+        if kind == "test-wanda" and key.endswith("-s0") and key.split("-")[3] in TUNED and kind not in measured:
+            seconds -= 320  # the test prune reuses the mask of its ε-selection prune
         total += seconds
         print(f"{total / 3600:6.2f} h  {key}  ({seconds:.0f} s, {'measured' if kind in measured else 'estimated'})")
     if variants:
@@ -320,7 +375,8 @@ def print_plan(settings, variants: bool) -> None:
 
 def schedule(study: Study, settings, variants: bool, report: bool = True) -> None:
     """Run every unit in priority order (ε selection runs when an allocation first needs it), seed by seed."""
-    study.dense_unit()
+    if FULL:
+        study.dense_unit()
     for method, sparsity in settings:
         for round_ in range(max(len(CALIB_SEEDS), len(RANDOM_SEEDS))):
             for allocation in MAIN:
@@ -375,14 +431,15 @@ def spread(values: list[float], digits: int = 1, scale: float = 1.0) -> str:
     return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def write_report(study: Study, command: str = "python bench/pruning.py --standard", final: bool = False) -> None:
+def write_report(study: Study, command: str | None = None, final: bool = False) -> None:
     """bench/results/pruning_standard.md, .csv, .png from every finished unit (partial tables included)."""
 
+    command = command or COMMAND
     units = study.units
-    dense = units.get("dense")
+    dense = units.get("dense") if FULL else None
     invocations = units.log_invocation({"started": STARTED, "command": command, "state": START_STATE,
                                         "end_state": machine_state()})
-    lines = ["# Pruning study — SmolLM2-135M, standard preset", "",
+    lines = [f"# Pruning study — SmolLM2-135M, {'full grid' if FULL else 'standard preset'}", "",
              f"Command: `{command}`. Compute time of the finished units: {units.total_seconds() / 3600:.2f} h "
              f"(wall time of the study when run without pauses). Machine: {describe_state(invocations)}.", ""]
     if not final:
@@ -550,6 +607,7 @@ def write_plot(study: Study) -> None:
 
 
 STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+COMMAND = "python bench/pruning.py --standard"
 START_STATE: dict = {}
 
 
@@ -565,9 +623,18 @@ def shrink_for_smoke() -> None:
     RESULTS = WORK  # a smoke report is not a result: it stays out of bench/results
 
 
+def widen_to_full() -> None:
+    """The whole grid (3 settings, 3 calibration seeds, 5 placements, every baseline, variants; ≈ 30 h here)."""
+    global SETTINGS, CALIB_SEEDS, RANDOM_SEEDS, MAIN, FULL, REPORT
+    SETTINGS, CALIB_SEEDS, RANDOM_SEEDS, MAIN = FULL_SETTINGS, FULL_CALIB_SEEDS, FULL_RANDOM_SEEDS, FULL_MAIN
+    FULL, REPORT = True, "pruning_full"
+
+
 def main(threads: int = 2, settings: str | None = None, variants: bool = True, report_only: bool = False,
-         smoke: bool = False, model: str = "smollm2-135m", plan: bool = False) -> None:
+         smoke: bool = False, model: str = "smollm2-135m", plan: bool = False, full: bool = False) -> None:
     """Run (or resume) the study and write its report (or, with `plan`, list what is left to run)."""
+    if full:
+        widen_to_full()
     if smoke:
         shrink_for_smoke()
     torch.set_num_threads(threads)
@@ -575,12 +642,14 @@ def main(threads: int = 2, settings: str | None = None, variants: bool = True, r
     chosen = SETTINGS if settings is None else tuple(
         (part.split("-")[0], int(part.split("-")[1]) / 100) for part in settings.split(","))
     if plan:
-        print_plan(chosen, variants)
+        print_plan(chosen, variants and FULL)
         return
     study = Study(Units(WORK), threads, model)
-    command = "python bench/pruning.py --standard" + (f" --settings {settings}" if settings else "") + \
-        (" --smoke" if smoke else "")
+    command = "python bench/pruning.py --standard" + (" --full" if full else "") + \
+        (f" --settings {settings}" if settings else "") + (" --smoke" if smoke else "")
+    global COMMAND
+    COMMAND = command
     if not report_only:
-        schedule(study, chosen, variants)
+        schedule(study, chosen, variants and FULL)
     write_report(study, command, final=not report_only and chosen == SETTINGS)
     print(f"wrote {RESULTS / f'{REPORT}.md'}")
