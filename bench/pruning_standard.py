@@ -345,6 +345,13 @@ def unit_kind(key: str) -> str:
 
 
 
+def unfinished(settings) -> list[str]:
+    """The units of the grid (variants aside) that have not finished, in run order."""
+    units = PlannedUnits(WORK, {"valid_ppl": 0.0})
+    schedule(Study(units, 2), settings, variants=False, report=False)
+    return units.planned
+
+
 def print_plan(settings, variants: bool) -> None:
     """Every unfinished unit in run order with the projected cumulative hours."""
     units = PlannedUnits(WORK, {"valid_ppl": 0.0})
@@ -568,7 +575,12 @@ def profile_appendix(study: Study) -> list[str]:
              "|---|" + "---|" * len(columns)]
     for block in range(n_blocks):
         lines.append(f"| {block} | " + " | ".join(f"{values[block]:.4g}" for values in columns.values()) + " |")
-    return lines + [""]
+    from scipy.stats import spearmanr
+
+    # how much of a profile the depth control already carries
+    rho = {name: spearmanr(values, np.arange(n_blocks)).statistic for name, values in columns.items()}
+    return lines + ["", "Spearman ρ of each column with the block index: "
+                    + ", ".join(f"{name} {value:+.2f}" for name, value in rho.items()) + ".", ""]
 
 
 def write_plot(study: Study) -> None:
@@ -651,5 +663,5 @@ def main(threads: int = 2, settings: str | None = None, variants: bool = True, r
     COMMAND = command
     if not report_only:
         schedule(study, chosen, variants and FULL)
-    write_report(study, command, final=not report_only and chosen == SETTINGS)
+    write_report(study, command, final=chosen == SETTINGS and not unfinished(chosen))
     print(f"wrote {RESULTS / f'{REPORT}.md'}")
