@@ -80,3 +80,37 @@ def test_non_finite_gradient_names_sample_and_layer():
     train = ["alpha beta gamma", "delta red blue", "cat omega dog", "tree fish bird"]
     with pytest.raises(NonFiniteGradient, match=r"non-finite loss for training sample 2 \(.*layer 0\)"):
         score_layers(model, tok, train, ["alpha beta", "red green"], ScoreConfig(quiet=True, batch_size=4))
+
+
+def test_lora_finetuning_trains_on_the_scoring_loss():
+    """With loss="answer" the LoRA-space fine-tuning sees only the answer tokens, like the scores it precedes."""
+    from dataclasses import replace
+
+    from layerif.data.loading import row_text
+    from layerif.data.tokens import answer_loss, encode_answers, make_batches, token_loss
+    from layerif.gradients.lora import attach_lora, finetune_lora
+    from tests.helpers import instruction_rows
+
+    tok = TinyTokenizer()
+    rows = instruction_rows(8, seed=60)
+    prompts = [row_text(row).removesuffix(row["output"]) for row in rows]
+    batches = make_batches(encode_answers(prompts, [row_text(r) for r in rows], tok), 4, 0)
+    # the same batches with every prompt token's label hidden: the token loss on them is the answer loss
+    hidden = []
+    for batch in batches:
+        positions = torch.arange(batch.labels.shape[1]).unsqueeze(0)
+        hidden.append(replace(batch, labels=batch.labels.masked_fill(positions < batch.answer_start[:, None], -100)))
+
+    def finetune(loss_fn, data):
+        wrapped = attach_lora(tiny_llama(layers=2, seed=61), "all", 4, 8, seed=0)
+        losses = finetune_lora(wrapped, data, epochs=2, lr=1e-2, seed=0, quiet=True, loss_fn=loss_fn)
+        return losses, {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+
+    answer_losses, answer_weights = finetune(answer_loss, batches)
+    hidden_losses, hidden_weights = finetune(token_loss, hidden)
+    token_losses, token_weights = finetune(token_loss, batches)
+    assert answer_losses == pytest.approx(hidden_losses, rel=1e-5)
+    for name, weight in answer_weights.items():
+        torch.testing.assert_close(weight, hidden_weights[name], rtol=1e-4, atol=1e-6)
+    assert answer_losses != pytest.approx(token_losses, rel=1e-3)
+    assert any(not torch.allclose(weight, token_weights[name]) for name, weight in answer_weights.items())

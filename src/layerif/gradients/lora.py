@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from layerif.data.tokens import Batch, per_sample_loss
+from layerif.data.tokens import Batch, LossFn, token_loss
 from layerif.models.blocks import select_matrices
 
 
@@ -28,9 +28,15 @@ def detach_lora(wrapped: nn.Module) -> nn.Module:
 
 
 def finetune_lora(
-    wrapped: nn.Module, batches: Sequence[Batch], epochs: float, lr: float, seed: int, quiet: bool = False
+    wrapped: nn.Module,
+    batches: Sequence[Batch],
+    epochs: float,
+    lr: float,
+    seed: int,
+    quiet: bool = False,
+    loss_fn: LossFn = token_loss,
 ) -> list[float]:
-    """Brief AdamW fine-tuning of the LoRA weights on the training batches; returns the loss per step."""
+    """Brief AdamW fine-tuning of the LoRA weights on the training batches with the scoring loss; losses per step."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -47,7 +53,7 @@ def finetune_lora(
                     break
                 batch = batches[position].to(device)
                 logits = wrapped(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-                loss = per_sample_loss(logits, batch.labels).mean()
+                loss = loss_fn(logits, batch).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
