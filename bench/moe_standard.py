@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from study import PlannedUnits, Units, acc_text, describe_state, machine_state, write_tables
+from study import PlannedUnits, Units, acc_text, describe_state, machine_state, wall_hours, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "moe"
@@ -240,9 +240,10 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
 
     units = study.units
     invocations = units.log_invocation({"started": STARTED, "command": command, "state": START_STATE,
-                                        "end_state": machine_state()})
+                                        "end_state": machine_state(), "report_only": REPORT_ONLY})
     lines = ["# LoRA-MoE study — SmolLM2-135M, standard preset", "",
-             f"Command: `{command}`. Compute time of the finished units: {units.total_seconds() / 3600:.2f} h. "
+             f"Command: `{command}`. Wall time {wall_hours(invocations):.2f} h (the invocations that ran units); "
+             f"compute time of the finished units {units.total_seconds() / 3600:.2f} h. "
              f"Machine: {describe_state(invocations)}.", ""]
     if not final:
         lines += ["**Partial tables**: the study has not finished; missing rows are still to run.", ""]
@@ -350,6 +351,7 @@ def print_plan(tasks) -> None:
 
 STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 START_STATE: dict = {}
+REPORT_ONLY = False
 
 
 def shrink_for_smoke() -> None:
@@ -373,6 +375,8 @@ def main(threads: int = 2, smoke: bool = False, model: str = "smollm2-135m", pla
         print_plan(TASKS)
         return 0
     START_STATE.update(machine_state())
+    global REPORT_ONLY
+    REPORT_ONLY = report_only
     study = MoEStudy(Units(WORK), model)
     command = "python bench/moe.py --standard" + (" --smoke" if smoke else "")
     if not report_only:

@@ -44,7 +44,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from study import PlannedUnits, Units, acc_text, describe_state, machine_state, ppl_text, write_tables
+from study import (
+    PlannedUnits,
+    Units,
+    acc_text,
+    describe_state,
+    machine_state,
+    ppl_text,
+    wall_hours,
+    write_tables,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -445,10 +454,11 @@ def write_report(study: Study, command: str | None = None, final: bool = False) 
     units = study.units
     dense = units.get("dense") if FULL else None
     invocations = units.log_invocation({"started": STARTED, "command": command, "state": START_STATE,
-                                        "end_state": machine_state()})
+                                        "end_state": machine_state(), "report_only": REPORT_ONLY})
     lines = [f"# Pruning study — SmolLM2-135M, {'full grid' if FULL else 'standard preset'}", "",
-             f"Command: `{command}`. Compute time of the finished units: {units.total_seconds() / 3600:.2f} h "
-             f"(wall time of the study when run without pauses). Machine: {describe_state(invocations)}.", ""]
+             f"Command: `{command}`. Wall time {wall_hours(invocations):.2f} h (the invocations that ran units, "
+             f"model loading included); compute time of the finished units {units.total_seconds() / 3600:.2f} h. "
+             f"Machine: {describe_state(invocations)}.", ""]
     if not final:
         lines += ["**Partial tables**: the study has not finished; every number below is final for the units it "
                   "shows, missing rows are still to run.", ""]
@@ -620,6 +630,7 @@ def write_plot(study: Study) -> None:
 
 STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 COMMAND = "python bench/pruning.py --standard"
+REPORT_ONLY = False
 START_STATE: dict = {}
 
 
@@ -659,8 +670,8 @@ def main(threads: int = 2, settings: str | None = None, variants: bool = True, r
     study = Study(Units(WORK), threads, model)
     command = "python bench/pruning.py --standard" + (" --full" if full else "") + \
         (f" --settings {settings}" if settings else "") + (" --smoke" if smoke else "")
-    global COMMAND
-    COMMAND = command
+    global COMMAND, REPORT_ONLY
+    COMMAND, REPORT_ONLY = command, report_only
     if not report_only:
         schedule(study, chosen, variants and FULL)
     write_report(study, command, final=chosen == SETTINGS and not unfinished(chosen))

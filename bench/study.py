@@ -7,6 +7,7 @@ written from whatever has finished. Comparisons are paired bootstraps from `laye
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import os
@@ -22,6 +23,7 @@ class Units:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._inner: list[float] = []  # seconds spent in units computed inside each open unit
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
@@ -42,8 +44,18 @@ class Units:
         from layerif.io import atomic_write_json
 
         started = time.perf_counter()
-        record = compute()
-        record["seconds"] = time.perf_counter() - started
+        self._inner.append(0.0)
+        try:
+            record = compute()
+        finally:
+            inner = self._inner.pop()
+        seconds = time.perf_counter() - started
+        # a unit computed inside another (an input it needs) is timed once, as its own unit
+        record["seconds"] = seconds - inner
+        if inner:
+            record["inner_unit_seconds"] = inner
+        if self._inner:
+            self._inner[-1] += seconds
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic_write_json(self.path(key), record)
         print(f"[{record['finished']}] {key}: {record['seconds']:.0f} s", flush=True)
@@ -51,8 +63,12 @@ class Units:
 
     def total_seconds(self) -> float:
         """Compute time of every finished unit (the study's wall time when it ran without pauses)."""
-        return sum(json.loads(path.read_text()).get("seconds", 0.0) for path in self.folder.glob("*.json")
-                   if not path.name.startswith("_"))
+        total = 0.0
+        for path in self.folder.glob("*.json"):
+            if not path.name.startswith("_"):
+                record = json.loads(path.read_text())
+                total += record.get("seconds", 0.0) - record.get("inner_unit_seconds", 0.0)
+        return total
 
     def log_invocation(self, entry: dict) -> list[dict]:
         """Append one invocation (command, start/end, machine state) to _invocations.json; return all."""
@@ -84,6 +100,17 @@ def machine_state() -> dict:
     except ImportError:
         pass
     return state
+
+
+def wall_hours(entries: list[dict]) -> float:
+    """Wall time of the invocations that ran units, each from its start to its last report, in hours."""
+    seconds = 0.0
+    for entry in entries:
+        end = entry.get("end_state", {}).get("utc")
+        if end and not entry.get("report_only"):
+            seconds += calendar.timegm(time.strptime(end, "%Y-%m-%dT%H:%M:%SZ")) - calendar.timegm(
+                time.strptime(entry["started"], "%Y-%m-%dT%H:%M:%SZ"))
+    return seconds / 3600
 
 
 def describe_state(entries: list[dict]) -> str:
