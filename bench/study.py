@@ -52,8 +52,7 @@ class Units:
         seconds = time.perf_counter() - started
         # a unit computed inside another (an input it needs) is timed once, as its own unit
         record["seconds"] = seconds - inner
-        if inner:
-            record["inner_unit_seconds"] = inner
+        record["inner_unit_seconds"] = inner
         if self._inner:
             self._inner[-1] += seconds
         record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -63,11 +62,21 @@ class Units:
 
     def total_seconds(self) -> float:
         """Compute time of every finished unit (the study's wall time when it ran without pauses)."""
+        records = [json.loads(path.read_text()) for path in self.folder.glob("*.json")
+                   if not path.name.startswith("_")]
+
+        def window(record: dict) -> tuple[float, float]:
+            end = calendar.timegm(time.strptime(record["finished"], "%Y-%m-%dT%H:%M:%SZ"))
+            return end - record["seconds"], end
+
         total = 0.0
-        for path in self.folder.glob("*.json"):
-            if not path.name.startswith("_"):
-                record = json.loads(path.read_text())
-                total += record.get("seconds", 0.0) - record.get("inner_unit_seconds", 0.0)
+        for record in records:
+            total += record.get("seconds", 0.0)
+            if "inner_unit_seconds" not in record and "finished" in record:
+                # written before units were timed exclusively: take out the units that ran inside it
+                start, end = window(record)
+                total -= sum(other["seconds"] for other in records if other is not record and "finished" in other
+                             and start - 1 <= window(other)[0] and window(other)[1] <= end + 1)
         return total
 
     def log_invocation(self, entry: dict) -> list[dict]:
