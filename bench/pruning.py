@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--settings", help="--standard: only these pruner-sparsity settings, e.g. wanda-70,wanda-60.")
     parser.add_argument("--full", action="store_true",
                         help="--standard: the whole grid (3 settings x 3 seeds, every baseline, variants; ≈ 30 h).")
-    parser.add_argument("--no-variants", action="store_true", help="--standard --full: skip the LayerIF variants.")
+    parser.add_argument("--no-variants", action="store_true", help="--standard: skip the LayerIF variants.")
     parser.add_argument("--report-only", action="store_true", help="--standard: only rewrite the tables.")
     parser.add_argument("--smoke", action="store_true", help="--standard at tiny sizes (checks the code).")
     parser.add_argument("--model", default="smollm2-135m", help="--standard --smoke: another (tiny) model folder.")

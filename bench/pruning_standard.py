@@ -7,7 +7,8 @@ SmolLM2-135M (built-in GGUF, float32). Everything the DESIGN §7 asks of a resul
   validation); S_pos and S_top25 come from the same run.
 - Standard grid (what fits 2.5 h on 2 idle cores): Wanda at 70 %, calibration 128 x 512 tokens of WikiText-2
   valid (its calibration part), calibration seed 0; allocations LayerIF S_pos, depth, random (placement seed 0)
-  and uniform.
+  and uniform; where S_pos does not beat depth on test perplexity, the variant LayerIF S_top25 (same ε as S_pos)
+  runs too.
 - ε for LayerIF S_pos and depth chosen from {0.05, 0.1, 0.2, 0.3} by perplexity on the last 32
   non-overlapping 512-token windows of WikiText-2 valid (never drawn for calibration), calibration seed 0;
   random uses the ε chosen for LayerIF S_pos (same spread, placement permuted).
@@ -21,18 +22,18 @@ SmolLM2-135M (built-in GGUF, float32). Everything the DESIGN §7 asks of a resul
   reversed; the dense model; and the LayerIF variants (WikiText-2 score profile, `--modules attn` scores, no
   smoothing) where S_pos does not beat depth. Its report is bench/results/pruning_full.md.
 
-Sizing, measured on 2 idle cores (this machine, float32, torch 2 threads): one forward runs ≈ 242 tokens/s at
-512 tokens; a Wanda prune with 128 x 512 calibration takes 320 s (two block passes: statistics, then the pruned
-outputs for the next block); test perplexity (200 x 512) ≈ 420 s; zero-shot, 500 rows of five tasks ≈ 700 s
-(lm-eval; ARC-c is the slowest, 24 s per 50 rows); one 300 x 50 scoring ≈ 550 s. So a test unit costs ≈ 1,440 s
-(≈ 1,120 s when it reuses the saved mask of its ε-selection prune), an ε-selection unit ≈ 395 s. Standard
-grid: scores 550 + 8 selection units 3,160 + 2 test units with reused masks 2,240 + 2 test units 2,880 ≈
-8,830 s ≈ 2.45 h. The whole grid is ≈ 30 h, which is why it is `--full`: the standard grid keeps the statistics
-(200 windows, 500 rows, 10,000 resamples) and shrinks the grid (one setting, one calibration seed, one
-placement seed, the two controls and uniform). Units run in priority order and each is saved under
-runs/bench-pruning-standard/, so a run stopped at any time leaves complete tables for what finished and a rerun
-continues; `--plan` prints every unit left with its projected cumulative time, from the measured times of
-finished units when there are any.
+Sizing, measured alone on 2 idle cores (float32, torch 2 threads; the first invocation of the committed run):
+one 300 x 50 scoring 444 s; a Wanda prune with 128 x 512 calibration ≈ 320 s (two block passes: statistics,
+then the pruned outputs for the next block); an ε-selection unit (prune + 32 validation windows) 330–358 s;
+test evaluation (200 x 512 perplexity + 7,549 lm-eval requests) 817 s. A test unit therefore costs ≈ 1,140 s,
+or ≈ 820 s when it reuses the saved mask of its ε-selection prune (LayerIF and depth at seed 0). Standard grid:
+scores 444 + 8 selection units ≈ 2,720 + 2 test units with reused masks ≈ 1,640 + random and uniform ≈ 2,280
+(+ the S_top25 variant ≈ 1,140 where it runs) ≈ 8,200 s ≈ 2.3 h. The whole grid (`--full`) is ≈ 30 h: the
+standard grid keeps the statistics (200 windows, 500 rows, 10,000 resamples) and shrinks the grid (one
+setting, one calibration seed, one placement seed, the two controls, uniform and one variant). Units run in
+priority order and each is saved under runs/bench-pruning-standard/, so a run stopped at any time leaves
+complete tables for what finished and a rerun continues; `--plan` prints every unit left with its projected
+cumulative time, from the measured times of finished units when there are any.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ SCORE_TRAIN, SCORE_VAL = 300, 50
 MAIN = ("layerif", "depth", "random", "uniform")
 FULL_MAIN = (*MAIN, "alphapruning", "owl", "layerif-top25", "reversed")
 FULL = False  # set by --full
-VARIANTS = ("layerif-wikitext", "layerif-attn", "layerif-nosmooth")
+# LayerIF variants, run only at settings where S_pos does not beat depth on test perplexity
+VARIANTS = ("layerif-top25",)
+FULL_VARIANTS = ("layerif-wikitext", "layerif-attn", "layerif-nosmooth")
 # what each allocation of the study is: library allocation, score profile, score, smoothing, whose ε it uses
 SPECS = {
     "layerif": ("layerif", "tasks", "S_pos", True, "layerif"),
@@ -98,8 +101,8 @@ SPECS = {
     "layerif-nosmooth": ("layerif", "tasks", "S_pos", False, "layerif"),
 }
 # seconds per unit kind on 2 idle cores, used by --plan until finished units give measured times
-ESTIMATES = {"dense": 1130, "scores": 550, "inputs-alpha": 60, "inputs-owl": 330, "select-wanda": 395,
-             "select-sparsegpt": 700, "test-wanda": 1440, "test-sparsegpt": 1800}
+ESTIMATES = {"dense": 820, "scores": 444, "inputs-alpha": 60, "inputs-owl": 330, "select-wanda": 340,
+             "select-sparsegpt": 650, "test-wanda": 1140, "test-sparsegpt": 1460}
 
 
 def setting_name(method: str, sparsity: float) -> str:
@@ -386,7 +389,7 @@ def print_plan(settings, variants: bool) -> None:
         total += seconds
         print(f"{total / 3600:6.2f} h  {key}  ({seconds:.0f} s, {'measured' if kind in measured else 'estimated'})")
     if variants:
-        print("variants (3 x 3 test units per setting where LayerIF does not beat depth) come after, if needed")
+        print(f"variants ({', '.join(VARIANTS)}) come after, at settings where LayerIF does not beat depth")
 
 
 def schedule(study: Study, settings, variants: bool, report: bool = True) -> None:
@@ -648,8 +651,9 @@ def shrink_for_smoke() -> None:
 
 def widen_to_full() -> None:
     """The whole grid (3 settings, 3 calibration seeds, 5 placements, every baseline, variants; ≈ 30 h here)."""
-    global SETTINGS, CALIB_SEEDS, RANDOM_SEEDS, MAIN, FULL, REPORT
+    global SETTINGS, CALIB_SEEDS, RANDOM_SEEDS, MAIN, VARIANTS, FULL, REPORT
     SETTINGS, CALIB_SEEDS, RANDOM_SEEDS, MAIN = FULL_SETTINGS, FULL_CALIB_SEEDS, FULL_RANDOM_SEEDS, FULL_MAIN
+    VARIANTS = FULL_VARIANTS
     FULL, REPORT = True, "pruning_full"
 
 
@@ -665,7 +669,7 @@ def main(threads: int = 2, settings: str | None = None, variants: bool = True, r
     chosen = SETTINGS if settings is None else tuple(
         (part.split("-")[0], int(part.split("-")[1]) / 100) for part in settings.split(","))
     if plan:
-        print_plan(chosen, variants and FULL)
+        print_plan(chosen, variants)
         return
     study = Study(Units(WORK), threads, model)
     command = "python bench/pruning.py --standard" + (" --full" if full else "") + \
@@ -673,6 +677,6 @@ def main(threads: int = 2, settings: str | None = None, variants: bool = True, r
     global COMMAND, REPORT_ONLY
     COMMAND, REPORT_ONLY = command, report_only
     if not report_only:
-        schedule(study, chosen, variants and FULL)
+        schedule(study, chosen, variants)
     write_report(study, command, final=chosen == SETTINGS and not unfinished(chosen))
     print(f"wrote {RESULTS / f'{REPORT}.md'}")
