@@ -6,8 +6,8 @@ SmolLM2-135M (built-in GGUF, float32). Everything the DESIGN §7 asks of a resul
   splits, the first 75 rows of each of BoolQ, ARC-e, ARC-c, OpenBookQA as train and the next 12-13 of each as
   validation); S_pos and S_top25 come from the same run.
 - Standard grid (what fits 2.5 h on 2 idle cores): Wanda at 70 %, calibration 128 x 512 tokens of WikiText-2
-  valid (its calibration part), calibration seed 0; allocations LayerIF S_pos, depth, random (placement seed 0)
-  and uniform; where S_pos does not beat depth on test perplexity, the variant LayerIF S_top25 (same ε as S_pos)
+  valid (its calibration part), calibration seed 0; allocations LayerIF S_pos, depth, random (placement seeds
+  0 and 1) and uniform; where S_pos does not beat depth on test perplexity, the variant LayerIF S_top25 (same ε as S_pos)
   runs too.
 - ε for LayerIF S_pos and depth chosen from {0.05, 0.1, 0.2, 0.3} by perplexity on the last 32
   non-overlapping 512-token windows of WikiText-2 valid (never drawn for calibration), calibration seed 0;
@@ -15,8 +15,9 @@ SmolLM2-135M (built-in GGUF, float32). Everything the DESIGN §7 asks of a resul
 - Test: perplexity on the first 200 windows of 512 tokens of WikiText-2 test, zero-shot ARC-e, ARC-c,
   OpenBookQA, RTE on the first 500 rows each (BoolQ in its own column: its rows carry no passage).
 - Statistics: per-window NLL and per-row correctness kept; paired bootstrap (10,000 seeded resamples) of
-  LayerIF minus each alternative, seeds averaged inside a resample; spread over seeds beside it when a
-  configuration has several runs.
+  LayerIF minus each alternative, seeds averaged inside a resample, perplexity windows resampled in runs of 10
+  consecutive windows (about one article: consecutive windows are not independent); spread over seeds beside
+  it when a configuration has several runs.
 - `--full` continues the same work folder with the whole grid the issue describes: Wanda 70 %, SparseGPT 70 %,
   Wanda 60 %; 3 calibration seeds; random over 5 placement seeds; OWL, AlphaPruning (ε tuned), LayerIF S_top25,
   reversed; the dense model; and the LayerIF variants (WikiText-2 score profile, `--modules attn` scores, no
@@ -27,8 +28,8 @@ one 300 x 50 scoring 444 s; a Wanda prune with 128 x 512 calibration ≈ 320 s (
 then the pruned outputs for the next block); an ε-selection unit (prune + 32 validation windows) 330–358 s;
 test evaluation (200 x 512 perplexity + 7,549 lm-eval requests) 817 s. A test unit therefore costs ≈ 1,140 s,
 or ≈ 820 s when it reuses the saved mask of its ε-selection prune (LayerIF and depth at seed 0). Standard grid:
-scores 444 + 8 selection units ≈ 2,720 + 2 test units with reused masks ≈ 1,640 + random and uniform ≈ 2,280
-(+ the S_top25 variant ≈ 1,140 where it runs) ≈ 8,200 s ≈ 2.3 h. The whole grid (`--full`) is ≈ 30 h: the
+scores 444 + 8 selection units ≈ 2,720 + 2 test units with reused masks ≈ 1,640 + random (2 placements) and
+uniform ≈ 3,420 ≈ 8,200 s ≈ 2.3 h; where S_pos does not beat depth, the S_top25 variant adds ≈ 1,140 s. The whole grid (`--full`) is ≈ 30 h: the
 standard grid keeps the statistics (200 windows, 500 rows, 10,000 resamples) and shrinks the grid (one
 setting, one calibration seed, one placement seed, the two controls, uniform and one variant). Units run in
 priority order and each is saved under runs/bench-pruning-standard/, so a run stopped at any time leaves
@@ -71,12 +72,16 @@ SETTINGS = (("wanda", 0.7),)
 EPSILONS = (0.05, 0.1, 0.2, 0.3)
 TUNED = ("layerif", "depth", "alphapruning")  # the allocations whose ε is chosen on validation
 CALIB_SEEDS = (0,)
-RANDOM_SEEDS = (0,)
+RANDOM_SEEDS = (0, 1)
 FULL_SETTINGS = (("wanda", 0.7), ("sparsegpt", 0.7), ("wanda", 0.6))
 FULL_CALIB_SEEDS = (0, 1, 2)
 FULL_RANDOM_SEEDS = (0, 1, 2, 3, 4)
 CALIB_SEQUENCES, CALIB_LENGTH = 128, 512
 PPL_WINDOWS, PPL_LENGTH, LIMIT = 200, 512, 500
+# Consecutive test windows come from the same article (WikiText-2 test: 62 articles, ≈ 3,900 words each, about
+# ten 512-token windows), so the perplexity verdict resamples runs of 10 windows; windows resampled one by one
+# are shown beside it.
+BLOCK_WINDOWS = 10
 SELECT_WINDOWS = 32
 SCORE_TRAIN, SCORE_VAL = 300, 50
 # priority order: the first four answer "does LayerIF beat the depth prior / random placement?"
@@ -426,10 +431,19 @@ def compare(a: list[dict], b: list[dict], seed: int = 0) -> tuple:
 
     nll_a = [r["window_nll"] for r in a]
     nll_b = [r["window_nll"] for r in b]
-    ppl = compare_log_perplexity(nll_a, nll_b, a[0]["window_tokens"], seed=seed)
+    ppl = compare_log_perplexity(nll_a, nll_b, a[0]["window_tokens"], seed=seed, block=BLOCK_WINDOWS)
     acc = compare_accuracy({t: [r["correct"][t] for r in a] for t in ZS_TASKS},
                            {t: [r["correct"][t] for r in b] for t in ZS_TASKS}, seed=seed)
     return ppl, acc
+
+
+def window_level(a: list[dict], b: list[dict], seed: int = 0) -> tuple:
+    """(log-ppl comparison with windows resampled one by one, lag-1 correlation of the window differences)."""
+    from layerif.evaluate.stats import compare_log_perplexity, lag_one_correlation
+
+    nll_a, nll_b = [r["window_nll"] for r in a], [r["window_nll"] for r in b]
+    tokens = a[0]["window_tokens"]
+    return compare_log_perplexity(nll_a, nll_b, tokens, seed=seed), lag_one_correlation(nll_a, nll_b, tokens)
 
 
 def layerif_beats_depth(study: Study, method: str, sparsity: float) -> bool:
@@ -478,11 +492,15 @@ def write_report(study: Study, command: str | None = None, final: bool = False) 
             continue
         lines += [f"## {method} at {sparsity:.0%}", "",
                   "Perplexity and accuracy: mean over runs (min–max over calibration / placement seeds). "
-                  "Δ: LayerIF S_pos minus the row, paired bootstrap over windows / rows (10,000 resamples), "
-                  "95 % interval and p-value; perplexity as the ratio LayerIF / row (below 1: LayerIF better).", "",
+                  "Δ: LayerIF S_pos minus the row, paired bootstrap (10,000 resamples), 95 % interval and p-value; "
+                  "perplexity as the ratio LayerIF / row (below 1: LayerIF better), resampling runs of "
+                  f"{BLOCK_WINDOWS} consecutive windows (about one article; the verdict uses this) and, for "
+                  "reference, single windows as if independent (r: lag-1 correlation of consecutive windows' "
+                  "differences); accuracy resamples rows.", "",
                   "| allocation | ε | runs | WikiText-2 ppl | mean acc (%) | " + " | ".join(ZS_TASKS)
-                  + f" | {SIDE_TASK} (no passage) | ppl ratio LayerIF/row [95 %], p | Δ acc pts [95 %], p |",
-                  "|---|---|---|---|---|" + "---|" * len(ZS_TASKS) + "---|---|---|"]
+                  + f" | {SIDE_TASK} (no passage) | ppl ratio LayerIF/row, {BLOCK_WINDOWS}-window runs [95 %], p "
+                  "| single windows [95 %], p; r | Δ acc pts [95 %], p |",
+                  "|---|---|---|---|---|" + "---|" * len(ZS_TASKS) + "---|---|---|---|"]
         ours = records(study, method, sparsity, "layerif")
         for allocation in present:
             runs = records(study, method, sparsity, allocation)
@@ -490,10 +508,11 @@ def write_report(study: Study, command: str | None = None, final: bool = False) 
             tasks = " | ".join(spread([r["acc"][t] for r in runs], 1, 100) for t in ZS_TASKS)
             if allocation != "layerif" and ours:
                 ppl_c, acc_c = compare(ours, runs)
-                delta = f"{ppl_text(ppl_c)} | {acc_text(acc_c)}"
+                single, lag = window_level(ours, runs)
+                delta = f"{ppl_text(ppl_c)} | {ppl_text(single)}; r={lag:.2f} | {acc_text(acc_c)}"
                 verdicts.append((method, sparsity, allocation, ppl_c, acc_c, len(ours), len(runs)))
             else:
-                delta = "— | —"
+                delta = "— | — | —"
             lines.append(f"| {allocation} | {'' if eps is None else f'{eps:g}'} | {len(runs)} | "
                          f"{spread([r['ppl'] for r in runs])} | {spread([mean_acc(r) for r in runs], 2, 100)} | "
                          f"{tasks} | {spread([r['acc'][SIDE_TASK] for r in runs], 1, 100)} | {delta} |")
@@ -506,7 +525,7 @@ def write_report(study: Study, command: str | None = None, final: bool = False) 
                                  "clipped": " ".join(map(str, r["clipped"])), "prune_s": r["prune_s"],
                                  "eval_s": r["eval_s"]})
         lines.append("")
-    lines += ["## Verdict", "", *verdict_lines(verdicts), ""]
+    lines += ["## Verdict", "", *verdict_lines(verdicts), *validation_lines(study), ""]
     lines += epsilon_appendix(study) + profile_appendix(study)
     write_tables(RESULTS, REPORT, lines, csv_rows)
     if csv_rows:
@@ -543,6 +562,29 @@ def verdict_lines(verdicts) -> list[str]:
     if variants:
         lines.append("- Variants (run because LayerIF did not beat depth there) are compared with LayerIF S_pos "
                      "above; a variant row with a ratio above 1 is better than S_pos.")
+    return lines
+
+
+def validation_lines(study: Study) -> list[str]:
+    """LayerIF / depth on the ε-selection windows at each chosen ε: the same seed-0 prunes, other text."""
+    lines = []
+    for method, sparsity in SETTINGS:
+        name = setting_name(method, sparsity)
+        chosen = {}
+        for allocation in ("layerif", "depth"):
+            sweep = {e: r["valid_ppl"] for e in EPSILONS if (r := study.units.get(f"select-{name}-{allocation}-e{e:g}"))}
+            if len(sweep) == len(EPSILONS):
+                chosen[allocation] = min(sweep.items(), key=lambda item: item[1])
+        ours, depth = records(study, method, sparsity, "layerif"), records(study, method, sparsity, "depth")
+        if len(chosen) == 2 and ours and depth:
+            (e_ours, v_ours), (e_depth, v_depth) = chosen["layerif"], chosen["depth"]
+            test_ratio = ours[0]["ppl"] / depth[0]["ppl"]
+            lines.append(f"- {method} {sparsity:.0%}, the same two seed-0 models on the {SELECT_WINDOWS} ε-selection "
+                         f"windows of WikiText-2 valid (other articles): LayerIF (ε {e_ours:g}) {v_ours:.1f} vs depth "
+                         f"(ε {e_depth:g}) {v_depth:.1f}, ratio ×{v_ours / v_depth:.3f}, against ×{test_ratio:.3f} on "
+                         "the test windows." + (" The two texts rank them in opposite orders: the difference "
+                                                "depends on the text more than either interval says."
+                                                if (v_ours < v_depth) != (test_ratio < 1) else ""))
     return lines
 
 
@@ -643,7 +685,8 @@ def shrink_for_smoke() -> None:
     global SCORE_TRAIN, SCORE_VAL, WORK, REPORT, RESULTS
     global EPSILONS
     SETTINGS, CALIB_SEEDS, RANDOM_SEEDS, EPSILONS = (("wanda", 0.7),), (0,), (0, 1), (0.1, 0.3)
-    CALIB_SEQUENCES, CALIB_LENGTH, PPL_WINDOWS, LIMIT, SELECT_WINDOWS = 4, 64, 2, 3, 2
+    global BLOCK_WINDOWS
+    CALIB_SEQUENCES, CALIB_LENGTH, PPL_WINDOWS, LIMIT, SELECT_WINDOWS, BLOCK_WINDOWS = 4, 64, 2, 3, 2, 1
     SCORE_TRAIN, SCORE_VAL = 8, 4
     WORK, REPORT = REPO / "runs" / "bench-pruning-standard-smoke", "pruning_standard_smoke"
     RESULTS = WORK  # a smoke report is not a result: it stays out of bench/results

@@ -113,3 +113,44 @@ def test_bad_input_and_spread():
     spread = seed_spread([1.0, 2.0, 3.0])
     assert spread == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 3}
     assert seed_spread([5.0])["std"] == 0.0
+
+
+def test_block_bootstrap_keeps_the_estimate_and_covers_dependent_windows():
+    """Windows drawn in runs from the same article: the window bootstrap is too narrow, the block one is not."""
+    from layerif.evaluate.stats import lag_one_correlation
+
+    tokens = np.full(200, 511.0)
+    rng = np.random.default_rng(7)
+    base = rng.gamma(5.0, 1.0, 200) * tokens
+    one = compare_log_perplexity(base * 1.1, base, tokens, block=1)
+    plain = compare_log_perplexity(base * 1.1, base, tokens)
+    assert (one.estimate, one.low, one.high, one.p_value) == (plain.estimate, plain.low, plain.high, plain.p_value)
+    blocked = compare_log_perplexity(base * 1.1, base, tokens, block=8)
+    assert blocked.estimate == pytest.approx(plain.estimate) and blocked.n_items == 25
+
+    # per-window differences that share an "article" effect over runs of 10 windows, true mean 0
+    misses_window = misses_block = 0
+    for trial in range(60):
+        rng = np.random.default_rng(100 + trial)
+        article = np.repeat(rng.normal(0.0, 0.1, 20), 10)
+        difference = article + rng.normal(0.0, 0.02, 200)
+        nll_b = rng.gamma(5.0, 1.0, 200) * tokens
+        nll_a = nll_b + difference * tokens
+        if trial == 0:
+            assert lag_one_correlation(nll_a, nll_b, tokens) > 0.5
+            assert abs(lag_one_correlation(nll_b + rng.normal(0, 0.1, 200) * tokens, nll_b, tokens)) < 0.2
+        window = compare_log_perplexity(nll_a, nll_b, tokens, n_resamples=1000, seed=trial)
+        block = compare_log_perplexity(nll_a, nll_b, tokens, n_resamples=1000, seed=trial, block=10)
+        misses_window += not window.low <= 0 <= window.high
+        misses_block += not block.low <= 0 <= block.high
+    assert misses_block <= 9  # about 5 % of 60 expected (percentile intervals on 20 blocks run a little narrow)
+    assert misses_window >= 20  # ignoring the dependence misses far more often
+    with pytest.raises(LayerIFError, match="block"):
+        compare_log_perplexity(base, base, tokens, block=0)
+
+
+def test_one_item_is_refused_rather_than_read_as_certain():
+    with pytest.raises(LayerIFError, match="at least 2 items"):
+        compare_log_perplexity([10.0], [12.0], [5.0])
+    with pytest.raises(LayerIFError, match="at least 2 items"):
+        compare_log_perplexity(np.full(8, 10.0), np.full(8, 12.0), np.full(8, 5.0), block=8)

@@ -85,6 +85,9 @@ def _compare(groups, n_resamples: int, seed: int, confidence: float) -> Comparis
     groups = [_group(*group) for group in groups]
     if not groups:
         raise LayerIFError("nothing to compare")
+    if min(a.shape[1] for a, _, _ in groups) < 2:
+        # every resample of one item is that item: a zero-width interval that would read as a sure difference
+        raise LayerIFError("need at least 2 items (windows, blocks or rows) to bootstrap")
     rng = np.random.default_rng(seed)
 
     def difference(all_counts) -> np.ndarray:
@@ -123,13 +126,34 @@ def compare_accuracy(a, b, *, n_resamples: int = RESAMPLES, seed: int = 0,
 
 
 def compare_log_perplexity(nll_a, nll_b, tokens, *, n_resamples: int = RESAMPLES, seed: int = 0,
-                           confidence: float = CONFIDENCE) -> Comparison:
+                           confidence: float = CONFIDENCE, block: int = 1) -> Comparison:
     """Paired bootstrap of log-perplexity A − B from per-window summed NLL (windows, or seeds x windows).
 
     Inside a resample, log ppl = Σ NLL / Σ tokens over the drawn windows (each seed's), averaged over seeds.
-    exp of the estimate and of the interval bounds is the perplexity ratio A / B.
+    exp of the estimate and of the interval bounds is the perplexity ratio A / B. With `block` > 1 the
+    resampled items are runs of `block` consecutive windows (the last run may be shorter): consecutive windows
+    of one text come from the same article and are not independent, and resampling them one by one makes the
+    interval too narrow.
     """
+    if block < 1:
+        raise LayerIFError(f"block must be >= 1, got {block}")
+    if block > 1:
+        runs_a, runs_b, tokens = _group(nll_a, nll_b, tokens)
+        if tokens is None:
+            raise LayerIFError("need one positive token count per window")
+        starts = np.arange(0, runs_a.shape[1], block)
+        nll_a, nll_b = np.add.reduceat(runs_a, starts, axis=1), np.add.reduceat(runs_b, starts, axis=1)
+        tokens = np.add.reduceat(tokens, starts)
     return _compare([(nll_a, nll_b, tokens)], n_resamples, seed, confidence)
+
+
+def lag_one_correlation(nll_a, nll_b, tokens) -> float:
+    """Correlation of consecutive windows' per-token NLL differences A − B (seeds averaged): 0 when independent."""
+    runs_a, runs_b, tokens = _group(nll_a, nll_b, tokens)
+    difference = (runs_a.mean(axis=0) - runs_b.mean(axis=0)) / tokens
+    if difference.size < 3 or difference.std() == 0:
+        return 0.0
+    return float(np.corrcoef(difference[:-1], difference[1:])[0, 1])
 
 
 def seed_spread(values) -> dict:
