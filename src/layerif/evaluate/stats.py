@@ -12,7 +12,7 @@ that configuration's seeds. The difference A − B over 10,000 resamples gives
 
 Statistics: mean accuracy from per-row correctness (a list of tasks is averaged with equal weight per task, each
 task's rows resampled on their own), and log-perplexity from per-window NLL, token-weighted inside a resample:
-log ppl = Σ NLL / Σ tokens over the drawn windows.
+log ppl = Σ NLL / Σ tokens over the drawn windows; with `block`, runs of consecutive windows are the items.
 """
 
 from __future__ import annotations
