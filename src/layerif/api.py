@@ -146,8 +146,7 @@ def _scoring_model(model: nn.Module, config: ScoreConfig, all_train_batches, tim
         wrapped = attach_lora(model, config.modules, config.lora_rank, config.lora_alpha, config.seed)
         if config.finetune_epochs > 0:
             # every rank fine-tunes on all samples with the same seed, so the adapters stay identical
-            finetune_lora(wrapped, all_train_batches, config.finetune_epochs, config.finetune_lr, config.seed, config.quiet,
-                          resolve_loss(config.loss))
+            finetune_lora(wrapped, all_train_batches, config, resolve_loss(config.loss))
         timings["finetune_s"] = time.perf_counter() - started
     scored = wrapped if wrapped is not None else model
     was_training = scored.training

@@ -103,7 +103,8 @@ def test_lora_finetuning_trains_on_the_scoring_loss():
 
     def finetune(loss_fn, data):
         wrapped = attach_lora(tiny_llama(layers=2, seed=61), "all", 4, 8, seed=0)
-        losses = finetune_lora(wrapped, data, epochs=2, lr=1e-2, seed=0, quiet=True, loss_fn=loss_fn)
+        config = ScoreConfig(finetune_epochs=2, finetune_lr=1e-2, seed=0, quiet=True)
+        losses = finetune_lora(wrapped, data, config, loss_fn=loss_fn)
         return losses, {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
 
     answer_losses, answer_weights = finetune(answer_loss, batches)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from layerif.data.tokens import Batch, LossFn, token_loss
 from layerif.models.blocks import select_matrices
+
+if TYPE_CHECKING:
+    from layerif.api import ScoreConfig
 
 
 def attach_lora(model: nn.Module, modules: str, rank: int, alpha: int, seed: int) -> nn.Module:
@@ -28,16 +32,15 @@ def detach_lora(wrapped: nn.Module) -> nn.Module:
 
 
 def finetune_lora(
-    wrapped: nn.Module,
-    batches: Sequence[Batch],
-    epochs: float,
-    lr: float,
-    seed: int,
-    quiet: bool = False,
-    loss_fn: LossFn = token_loss,
+    wrapped: nn.Module, batches: Sequence[Batch], config: ScoreConfig, loss_fn: LossFn = token_loss
 ) -> list[float]:
-    """Brief AdamW fine-tuning of the LoRA weights on the training batches with the scoring loss; losses per step."""
+    """Brief AdamW fine-tuning of the LoRA weights on the training batches with the scoring loss; losses per step.
+
+    `config` gives the epochs (`finetune_epochs`), learning rate (`finetune_lr`), `seed` and `quiet`.
+    """
     from tqdm.auto import tqdm
+
+    epochs, lr, seed, quiet = config.finetune_epochs, config.finetune_lr, config.seed, config.quiet
 
     generator = torch.Generator().manual_seed(seed)
     device = next(wrapped.parameters()).device
