@@ -3,19 +3,25 @@
 For each task, every estimator scores the same first --n-train training and --n-val validation rows of
 `../shared/data/moe/<task>`. Reported: Spearman correlation between estimators of the S_pos layer profile
 (over the L blocks), of the per-sample q (per block, averaged over blocks), the top-5 layers by S_pos, and
-each estimator's wall time (one scoring run each: capture + estimator; the estimator's own share is the run
-time minus identity's, whose estimator step is a single dot product per matrix). LiSSA's convergence
-(relative change of G h over its last tenth of steps, worst matrix) is listed too.
+each estimator's time. LiSSA's convergence (relative change of G h over its last tenth of steps, worst
+matrix) is listed too.
 
-    python bench/agreement.py                                     # 300 x 50, mrpc + openbookqa (hours on 2 cores)
+By default all estimators score one gradient capture (`--shared-capture`, the default): one spill-to-disk
+pass, then every matrix's factors go through each estimator in turn, each estimator's step timed on its own.
+A user's `layerif score --estimator X` costs about the capture plus X's step. `--separate-runs` makes one
+full scoring run per estimator instead (what the first reduced-size table used).
+
+    python bench/agreement.py                                     # 300 x 50, mrpc + openbookqa (about 1.5 h on 2 cores)
     python bench/agreement.py --n-train 16 --n-val 4 --out /tmp/agreement.md     # smoke size
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -33,27 +39,106 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(value) if value == value else 0.0
 
 
-def score_task(model, tokenizer, task: str, estimators: list[str], n_train: int, n_val: int,
-               batch_size: int, max_memory: str | None) -> dict:
-    """Every estimator's LayerScores on one task, with wall times and LiSSA's convergence."""
+class _Recorder:
+    """Each estimator's influence and step time per matrix, filled while one capture is scored."""
+
+    def __init__(self, estimators: list[str]):
+        self.estimators = estimators
+        self.influence: dict[str, dict[tuple[int, str], torch.Tensor]] = defaultdict(dict)
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.info: dict[str, dict[str, dict]] = defaultdict(dict)
+
+
+@contextlib.contextmanager
+def _every_estimator_per_matrix(recorder: _Recorder):
+    """Make the engine's per-matrix step run every estimator of `recorder` on the same factors.
+
+    The run's own estimator (the first) is what the engine keeps; the others are recorded beside it. This
+    patches `Strategy.score_matrix` for the duration of one benchmark run only.
+    """
+    from layerif.influence import engine
+    from layerif.influence.estimators import influence_from_factors
+
+    original = engine.Strategy.score_matrix
+
+    def score_matrix(self, ref, inputs):
+        for name in recorder.estimators:
+            started = time.perf_counter()
+            result = influence_from_factors(name, inputs, self.ctx, self.job.estimator_options)
+            recorder.seconds[name] += time.perf_counter() - started
+            recorder.influence[name][(ref.layer, ref.name)] = result.values.double().cpu()
+            if result.info:
+                recorder.info[name][f"{ref.layer}.{ref.name}"] = result.info
+            if name == self.job.estimator:
+                self.sink.put(ref, result)
+
+    engine.Strategy.score_matrix = score_matrix
+    try:
+        yield
+    finally:
+        engine.Strategy.score_matrix = original
+
+
+def _worst_change(info: dict) -> float | None:
+    return max((entry.get("relative_change", 0.0) for entry in info.values()), default=None)
+
+
+def shared_capture_scores(model, tokenizer, train: list, val: list, estimators: list[str], settings: dict) -> dict:
+    """Every estimator on one spilled gradient capture: q per estimator, step times, LiSSA's convergence."""
+    from layerif.api import ScoreConfig, score_layers
+
+    recorder = _Recorder(estimators)
+    started = time.perf_counter()
+    with _every_estimator_per_matrix(recorder):
+        scores = score_layers(model, tokenizer, train, val,
+                              ScoreConfig(estimator=estimators[0], strategy="spill", quiet=True, **settings))
+    run_seconds = time.perf_counter() - started
+    capture = run_seconds - sum(recorder.seconds.values())
+    out = {}
+    for name in estimators:
+        by_matrix = recorder.influence[name]
+        q = torch.stack([-sum(value for (layer, _), value in by_matrix.items() if layer == number)
+                         for number in range(scores.q.shape[0])])
+        out[name] = {"q": q, "seconds": capture + recorder.seconds[name], "influence_s": recorder.seconds[name],
+                     "plan": scores.metadata["plan"]["mode"], "lissa_worst_change": _worst_change(recorder.info[name])}
+    # the engine's own assembly of the run's estimator must equal what was recorded for it
+    torch.testing.assert_close(out[estimators[0]]["q"].float(), scores.q.float())
+    return {"estimators": out, "run_seconds": run_seconds, "capture_seconds": capture}
+
+
+def score_task_shared(model, tokenizer, task: str, estimators: list[str], sizes: tuple[int, int],
+                      settings: dict) -> dict:
+    """`shared_capture_scores` on the first rows of one task, with a progress line."""
+    from layerif.data import load_rows
+
+    train = load_rows(DATA / task / "train.jsonl")[:sizes[0]]
+    val = load_rows(DATA / task / "validation.jsonl")[:sizes[1]]
+    print(f"  {task}: one capture, estimators {', '.join(estimators)} ...", flush=True)
+    results = shared_capture_scores(model, tokenizer, train, val, estimators, settings)
+    print(f"    {results['run_seconds']:.1f} s (capture and spill {results['capture_seconds']:.1f} s; "
+          + ", ".join(f"{name} {results['estimators'][name]['influence_s']:.1f} s" for name in estimators) + ")",
+          flush=True)
+    return results
+
+
+def score_task(model, tokenizer, task: str, estimators: list[str], sizes: tuple[int, int], settings: dict) -> dict:
+    """Every estimator's LayerScores on one task, one scoring run each, with wall times and LiSSA's convergence."""
     from layerif.api import ScoreConfig, score_layers
     from layerif.data import load_rows
 
-    train = load_rows(DATA / task / "train.jsonl")[:n_train]
-    val = load_rows(DATA / task / "validation.jsonl")[:n_val]
+    train = load_rows(DATA / task / "train.jsonl")[:sizes[0]]
+    val = load_rows(DATA / task / "validation.jsonl")[:sizes[1]]
     out = {}
     for estimator in estimators:
         print(f"  {task}: {estimator} ...", flush=True)
         started = time.perf_counter()
         scores = score_layers(model, tokenizer, train, val,
-                              ScoreConfig(estimator=estimator, batch_size=batch_size, max_memory=max_memory,
-                                          quiet=True))
+                              ScoreConfig(estimator=estimator, quiet=True, **settings))
         seconds = time.perf_counter() - started
-        info = scores.metadata.get("estimator_info") or {}
-        worst = max((entry.get("relative_change", 0.0) for entry in info.values()), default=None)
         out[estimator] = {"q": scores.q.double(), "seconds": seconds,
                           "influence_s": scores.metadata["timings"].get("influence_s", seconds),
-                          "plan": scores.metadata["plan"]["mode"], "lissa_worst_change": worst}
+                          "plan": scores.metadata["plan"]["mode"],
+                          "lissa_worst_change": _worst_change(scores.metadata.get("estimator_info") or {})}
         print(f"    {seconds:.1f} s", flush=True)
     return out
 
@@ -76,7 +161,7 @@ def agreement_tables(task: str, results: dict) -> list[str]:
                 cells.append(f"{sum(spearman(qa[layer], qb[layer]) for layer in range(qa.shape[0])) / qa.shape[0]:.3f}")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     base = results.get("identity", {}).get("influence_s")
-    lines += ["", "| estimator | run time (s) | influence step (s) | over identity (s) | plan | top-5 layers (S_pos) | "
+    lines += ["", "| estimator | run time (s) | estimator step (s) | over identity (s) | plan | top-5 layers (S_pos) | "
               "LiSSA worst relative change |", "|---|---|---|---|---|---|---|"]
     for name in names:
         entry = results[name]
@@ -98,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-memory", default=None)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "agreement.md"))
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench-agreement"),
+                        help="each finished task's q per estimator is saved here; a rerun reuses it")
+    parser.add_argument("--lissa-depth", type=int, default=None, help="LiSSA steps per matrix (default: the engine's 200)")
+    parser.add_argument("--separate-runs", action="store_true",
+                        help="one full scoring run per estimator instead of one shared gradient capture")
     args = parser.parse_args(argv)
     tasks = [task for task in args.tasks.split(",") if task]
     missing = [task for task in tasks if not (DATA / task / "train.jsonl").is_file()]
@@ -108,17 +198,37 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_model(args.model, quiet=True)
     command = "python bench/agreement.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    how = ("Each estimator is one scoring run (its own gradient capture); run time = that run." if args.separate_runs
+           else "All estimators score one gradient capture (one spill-to-disk pass); estimator step = that "
+                "estimator's own time on every matrix; run time = capture + step, about what `layerif score "
+                "--estimator X` alone costs.")
     lines = ["# Estimator agreement", "", f"Command: `{command.strip()}` (torch threads: {torch.get_num_threads()})", "",
              f"Model {args.model}, first {args.n_train} training x {args.n_val} validation rows per task, full space, "
-             "all modules, S_pos. Each estimator is one scoring run (its own gradient capture).", ""]
+             f"all modules, S_pos. {how}", ""]
+    estimators = args.estimators.split(",")
+    settings = {"batch_size": args.batch_size, "max_memory": args.max_memory, "lissa_depth": args.lissa_depth}
+    sizes = (args.n_train, args.n_val)
+    work = Path(args.work)
     for task in tasks:
-        results = score_task(loaded.model, loaded.tokenizer, task, args.estimators.split(","), args.n_train,
-                             args.n_val, args.batch_size, args.max_memory)
-        lines += agreement_tables(task, results)
-    text = "\n".join(lines)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.out), text)
-    print(text)
+        saved = work / f"{task}-{args.n_train}x{args.n_val}-{'-'.join(estimators)}-lissa{args.lissa_depth or 200}.pt"
+        if saved.is_file():
+            results = torch.load(saved)
+            print(f"  {task}: reusing {saved}", flush=True)
+        elif args.separate_runs:
+            results = {"estimators": score_task(loaded.model, loaded.tokenizer, task, estimators, sizes, settings)}
+        else:
+            results = score_task_shared(loaded.model, loaded.tokenizer, task, estimators, sizes, settings)
+        if not saved.is_file():
+            work.mkdir(parents=True, exist_ok=True)
+            torch.save(results, saved.with_suffix(".tmp"))
+            saved.with_suffix(".tmp").replace(saved)
+        lines += agreement_tables(task, results["estimators"])
+        if "capture_seconds" in results:
+            lines[-1:-1] = ["", f"One run: {results['run_seconds']:.1f} s, of which capture and spill "
+                            f"{results['capture_seconds']:.1f} s."]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out), "\n".join(lines))  # a finished task is kept if a later one fails
+    print("\n".join(lines))
     return 0
 
 
