@@ -405,7 +405,20 @@ def test_11_interrupt_says_what_was_kept(tmp_path, sig, code):
     write_jsonl(tmp_path / "train.jsonl", instruction_rows(40, seed=5))
     write_jsonl(tmp_path / "val.jsonl", instruction_rows(6, seed=6))
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "layerif", "score", "--model", str(tmp_path / "model"), "--train",
+    # the run waits after saving its first unit, so the signal always lands mid-run: without the wait a fast
+    # machine could finish the tiny run between the poll that sees the unit and the signal (exit 0, seen once)
+    wrapper = tmp_path / "slow_after_first_unit.py"
+    wrapper.write_text(
+        "import time\n"
+        "import layerif.checkpoint as checkpoint\n"
+        "save = checkpoint.Checkpoint.save\n"
+        "def save_then_wait(self, *args, **kwargs):\n"
+        "    save(self, *args, **kwargs)\n"
+        "    time.sleep(120)\n"
+        "checkpoint.Checkpoint.save = save_then_wait\n"
+        "from layerif.cli import main\n"
+        "main()\n")
+    command = [sys.executable, str(wrapper), "score", "--model", str(tmp_path / "model"), "--train",
                str(tmp_path / "train.jsonl"), "--val", str(tmp_path / "val.jsonl"), "--n-train", "40", "--n-val",
                "6", "--max-memory", "1", "--strategy", "store", "--batch-size", "2", "--out", str(out), "--quiet"]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
