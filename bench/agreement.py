@@ -106,13 +106,18 @@ def shared_capture_scores(model, tokenizer, train: list, val: list, estimators: 
     return {"estimators": out, "run_seconds": run_seconds, "capture_seconds": capture}
 
 
+def task_rows(task: str, sizes: tuple[int, int]) -> tuple[list, list]:
+    """The first (n_train, n_val) training and validation rows of one task."""
+    from layerif.data import load_rows
+
+    return (load_rows(DATA / task / "train.jsonl")[:sizes[0]],
+            load_rows(DATA / task / "validation.jsonl")[:sizes[1]])
+
+
 def score_task_shared(model, tokenizer, task: str, estimators: list[str], sizes: tuple[int, int],
                       settings: dict) -> dict:
     """`shared_capture_scores` on the first rows of one task, with a progress line."""
-    from layerif.data import load_rows
-
-    train = load_rows(DATA / task / "train.jsonl")[:sizes[0]]
-    val = load_rows(DATA / task / "validation.jsonl")[:sizes[1]]
+    train, val = task_rows(task, sizes)
     print(f"  {task}: one capture, estimators {', '.join(estimators)} ...", flush=True)
     results = shared_capture_scores(model, tokenizer, train, val, estimators, settings)
     print(f"    {results['run_seconds']:.1f} s (capture and spill {results['capture_seconds']:.1f} s; "
@@ -124,10 +129,8 @@ def score_task_shared(model, tokenizer, task: str, estimators: list[str], sizes:
 def score_task(model, tokenizer, task: str, estimators: list[str], sizes: tuple[int, int], settings: dict) -> dict:
     """Every estimator's LayerScores on one task, one scoring run each, with wall times and LiSSA's convergence."""
     from layerif.api import ScoreConfig, score_layers
-    from layerif.data import load_rows
 
-    train = load_rows(DATA / task / "train.jsonl")[:sizes[0]]
-    val = load_rows(DATA / task / "validation.jsonl")[:sizes[1]]
+    train, val = task_rows(task, sizes)
     out = {}
     for estimator in estimators:
         print(f"  {task}: {estimator} ...", flush=True)
