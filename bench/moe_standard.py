@@ -17,15 +17,20 @@ memory budget), loss on the answer tokens only (`--output-only`).
   paired bootstrap (10,000 resamples) over test rows with seeds averaged inside a resample, LayerIF S_pos
   minus each alternative, per task and averaged over the kept tasks.
 
-Sizing. Cost model on 2 idle cores, from the committed quick MoE run (≈ 1.3 s per training row and ≈ 0.35 s
-per test row with one thread on a shared machine; about half on two idle threads): a training step of 16 rows
-≈ 8 s, a test evaluation of 500 rows ≈ 90 s, one 300 x 50 scoring ≈ 450 s. A curve of 150 steps with 6
-validation points ≈ 1,300 s per task; one run of S = 100 steps ≈ 900 s. The full grid (5 tasks x 11
-configurations x 3 seeds ≈ 165 runs) is ≈ 40 h; 3 h hold the curves of the screened tasks and the question's
-runs (LayerIF, depth, random, uniform at seed 0) on one or two tasks. Units therefore run in priority order —
-curves, then per kept task seed 0 of LayerIF, depth, random, uniform, then the other allocations, then seeds
-1 and 2 — each saved under runs/bench-moe-standard/, so stopping at any point leaves complete tables for what
-finished and a rerun continues. `--plan` lists the units left with projected time (measured once units exist).
+Sizing, measured on 2 idle cores (uniform MoE, 3 steps of 16 rows and 48 validation rows per task, one run):
+seconds per training step of 16 rows / per evaluated row — cola 7.7 / 0.17 (30 tokens a row), openbookqa
+13.5 / 0.29 (51), commonsenseqa 14.4 / 0.32 (52), mrpc 20.7 / 0.37 (82), rte 25.8 / 0.52 (99). Tasks run in
+that order, cheapest first. Batches are 8 rows (half the paper's 16): B starts at zero, so how far the adapters
+leave the base model grows with the number of Adam updates, and on a CPU 8-row steps give twice the updates for
+the same compute. On openbookqa a curve of 120 steps with 5 validation points and the final test evaluation is
+≈ 1,250 s, one run ≈ 950 s, one 300 x 50 scoring ≈ 450 s. The full grid (5 tasks x 10 configurations x 3 seeds
+= 150 runs) is ≈ 40-60 h here; 3 h hold one task's curve and LayerIF, depth, random and uniform at one or two
+seeds. Units therefore run in priority order — per task: curve, base model, seed 0 then seed 1 of LayerIF
+S_pos, depth, random, uniform, and the plain LoRA; after every task: seed 2 and the other allocations — each
+saved under runs/bench-moe-standard/, so stopping at any point leaves complete tables for what finished and a
+rerun continues. The curve's run is the uniform MoE's seed-0 run when the chosen steps are the curve's last
+(same seed, steps and schedule), and is evaluated on the test rows at its end for that case. `--plan` lists the
+units left with projected time.
 """
 
 from __future__ import annotations
@@ -45,14 +50,14 @@ DATA = REPO.parent / "shared" / "data" / "moe"
 RESULTS = REPO / "bench" / "results"
 WORK = REPO / "runs" / "bench-moe-standard"
 REPORT = "moe_standard"
-TASKS = ("mrpc", "rte", "cola", "commonsenseqa", "openbookqa")  # scienceqa: its train split is 300 rows only
-METHODS = ("layerif-S_pos", "depth", "random", "uniform", "layerif-S_top25", "mola-8642", "mola-2468",
-           "alphalora", "reversed", "plain-lora")
+TASKS = ("openbookqa", "cola", "commonsenseqa", "mrpc", "rte")  # cheapest first; scienceqa: 300 train rows only
+CORE = ("layerif-S_pos", "depth", "random", "uniform")  # the question: LayerIF against its controls
+METHODS = (*CORE, "plain-lora", "layerif-S_top25", "mola-8642", "mola-2468", "alphalora", "reversed")
 SEEDS = (0, 1, 2)
-BUDGET, BETA, BATCH, LR = 150, 2.5, 16, 3e-4
-MAX_STEPS, EVAL_EVERY, N_VAL, N_TEST = 150, 25, 200, 500
+BUDGET, BETA, BATCH, LR = 150, 2.5, 8, 3e-4
+MAX_STEPS, EVAL_EVERY, N_VAL, N_TEST = 120, 30, 200, 500
 SCORE_TRAIN, SCORE_VAL = 300, 50
-ESTIMATES = {"scores": 450, "curve": 1300, "run": 900}
+ESTIMATES = {"scores": 450, "curve": 1250, "run": 950, "base": 130}
 KEEP_ALL = False  # smoke only: keep every task whatever its curve, to exercise the run units
 
 
@@ -166,14 +171,25 @@ class MoEStudy:
             loaded = self.fresh()
             model = loaded.model
             inject_moe(model, MoEConfig(counts=allocation.counts, top_k=allocation.top_k), seed=0)
-            train_moe(model, loaded.tokenizer, self.rows(task, "train"),
-                      TrainConfig(steps=MAX_STEPS, lr=LR, batch_size=BATCH, train_on_inputs=False, seed=0),
-                      quiet=True, on_step=evaluate)
-            return {"base": base, "points": points}
+            log = train_moe(model, loaded.tokenizer, self.rows(task, "train"),
+                            TrainConfig(steps=MAX_STEPS, lr=LR, batch_size=BATCH, train_on_inputs=False, seed=0),
+                            quiet=True, on_step=evaluate)
+            t0 = time.perf_counter()
+            test = self.accuracy_rows(model, self.rows(task, "test")[:N_TEST])
+            # The uniform MoE's seed-0 run at MAX_STEPS: reused by run_unit when the chosen steps are MAX_STEPS.
+            final = {"task": task, "method": "uniform", "seed": 0, "steps": MAX_STEPS, "counts": allocation.counts,
+                     "correct": test, "accuracy": float(np.mean(test)), "train_s": log["seconds"],
+                     "eval_s": time.perf_counter() - t0, "micro_batch_size": log["micro_batch_size"],
+                     "final_loss": log["final_loss"], "from_curve": True}
+            return {"base": base, "points": points, "final_run": final}
 
         return self.units.run(f"curve-{task}", compute)
 
     def run_unit(self, task: str, method: str, seed: int, steps: int) -> dict:
+        final = (self.units.get(f"curve-{task}") or {}).get("final_run")
+        if final and (final["method"], final["seed"], final["steps"]) == (method, seed, steps):
+            return self.units.run(f"run-{task}-{method}-s{seed}", lambda: dict(final))
+
         def compute() -> dict:
             model, allocation, log = self.train(task, method, seed, steps)
             model.eval()
@@ -213,20 +229,30 @@ def screen(curve: dict) -> tuple[bool, int, str]:
 
 
 def schedule(study: MoEStudy, tasks, report: bool = True) -> None:
-    """Curves first, then per kept task seed by seed in METHODS order."""
+    """Per task: curve, then (if kept) base, seeds 0 and 1 of CORE, plain LoRA; then the rest, seed by seed."""
     kept = {}
+
+    def run(task: str, method: str, seed: int) -> None:
+        study.run_unit(task, method, seed, kept[task])
+        if report:
+            write_report(study, tasks)
+
     for task in tasks:
         ok, steps, _ = screen(study.curve(task))
-        if ok:
-            kept[task] = steps
+        if not ok:
+            continue
+        kept[task] = steps
+        study.base_unit(task)
+        for seed in SEEDS[:2]:
+            for method in CORE:
+                run(task, method, seed)
+        run(task, "plain-lora", SEEDS[0])
     for seed in SEEDS:
-        for task, steps in kept.items():
-            if seed == SEEDS[0]:
-                study.base_unit(task)
+        for task in kept:
             for method in METHODS:
-                study.run_unit(task, method, seed, steps)
-                if report:
-                    write_report(study, tasks)
+                if seed in SEEDS[:2] and method in CORE or (method, seed) == ("plain-lora", SEEDS[0]):
+                    continue
+                run(task, method, seed)
 
 
 def records(study: MoEStudy, task: str, method: str) -> list[dict]:
@@ -255,6 +281,9 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
             continue
         ok, steps, reason = screen(curve)
         lines.append(f"- {task}: {reason}" + (f"; {steps} training steps for every allocation" if ok else ""))
+        lines.append("  validation accuracy (%) by step: " + ", ".join(
+            [f"base {100 * np.mean(curve['base']):.1f}"]
+            + [f"{p['step']}: {100 * np.mean(p['correct']):.1f}" for p in curve["points"]]))
         if ok:
             kept.append(task)
     lines.append("")
@@ -291,6 +320,18 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
         comparison = compare_accuracy({t: [r["correct"] for r in ours_all[t]] for t in shared},
                                       {t: [r["correct"] for r in per_task[t]] for t in shared})
         averaged.append((f"mean of {', '.join(shared)}", method, comparison))
+    noise = []
+    for task in kept:
+        for method in METHODS:
+            runs = records(study, task, method)
+            if len(runs) >= 2:
+                # same allocation, another training seed: the size of a difference training randomness alone makes
+                noise.append(f"- {task}, {method}: seed {runs[1]['seed']} − seed {runs[0]['seed']} = "
+                             f"{acc_text(compare_accuracy(runs[1]['correct'], runs[0]['correct']))}")
+    if noise:
+        lines += ["## Training noise (same allocation, another seed)", "",
+                  "The intervals above resample test rows (seeds averaged inside a resample); they do not see how "
+                  "much another training seed moves a run. These rows do:", "", *noise, ""]
     lines += ["## Verdict", ""]
     for where, method, comparison in verdicts + averaged:
         lines.append(f"- {where}: LayerIF S_pos vs **{method}**: **{comparison.verdict(higher_is_better=True)}** "
