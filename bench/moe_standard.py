@@ -392,7 +392,7 @@ def write_plot(study: MoEStudy, tasks, kept) -> None:
 
 
 def print_plan(tasks) -> None:
-    units = PlannedUnits(WORK, {"base": [0], "points": [{"step": MAX_STEPS, "correct": [1]}]})
+    units = PlannedUnits(WORK, {"base": [0, 0], "points": [{"step": MAX_STEPS, "correct": [1, 1]}]})  # unrun curves: assume kept
     schedule(MoEStudy(units), tasks, report=False)
     total = 0.0
     for key in units.planned:
