@@ -287,6 +287,7 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
     for task in tasks:
         curve = units.get(f"curve-{task}")
         if curve is None:
+            lines.append(f"- {task}: not run yet (no validation curve)")
             continue
         ok, steps, reason = screen(curve)
         lines.append(f"- {task}: {reason}" + (f"; {steps} training steps for every allocation" if ok else ""))
@@ -315,7 +316,7 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
             if method != "layerif-S_pos" and ours:
                 comparison = compare_accuracy([r["correct"] for r in ours], [r["correct"] for r in runs])
                 delta = acc_text(comparison)
-                verdicts.append((task, method, comparison))
+                verdicts.append((task, method, comparison, f"; seeds {len(ours)} vs {len(runs)}"))
             spread = f"{np.mean(accs):.1f} ({min(accs):.1f}–{max(accs):.1f})" if len(accs) > 1 else f"{accs[0]:.1f}"
             lines.append(f"| {method} | {len(runs)} | {spread} | {delta} |")
             csv_rows += [{"task": task, "method": method, "seed": r["seed"], "steps": r["steps"],
@@ -330,7 +331,7 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
             continue
         comparison = compare_accuracy({t: [r["correct"] for r in ours_all[t]] for t in shared},
                                       {t: [r["correct"] for r in per_task[t]] for t in shared})
-        averaged.append((f"mean of {', '.join(shared)}", method, comparison))
+        averaged.append((f"mean of {', '.join(shared)}", method, comparison, ""))
     noise = []
     for task in kept:
         for method in METHODS:
@@ -344,9 +345,9 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
                   "The intervals above resample test rows (seeds averaged inside a resample); they do not see how "
                   "much another training seed moves a run. These rows do:", "", *noise, ""]
     lines += ["## Verdict", ""]
-    for where, method, comparison in verdicts + averaged:
+    for where, method, comparison, seeds in verdicts + averaged:
         lines.append(f"- {where}: LayerIF S_pos vs **{method}**: **{comparison.verdict(higher_is_better=True)}** "
-                     f"({acc_text(comparison)})")
+                     f"({acc_text(comparison)}{seeds})")
     if not verdicts:
         lines.append("No comparison has finished yet.")
     write_tables(RESULTS, REPORT, lines, csv_rows)
