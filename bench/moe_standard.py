@@ -22,10 +22,10 @@ seconds per training step of 16 rows / per evaluated row — cola 7.7 / 0.17 (30
 13.5 / 0.29 (51), commonsenseqa 14.4 / 0.32 (52), mrpc 20.7 / 0.37 (82), rte 25.8 / 0.52 (99). Tasks run in
 that order, cheapest first. Batches are 8 rows (half the paper's 16): B starts at zero, so how far the adapters
 leave the base model grows with the number of Adam updates, and on a CPU 8-row steps give twice the updates for
-the same compute. On openbookqa a curve of 120 steps with 5 validation points and the final test evaluation is
-≈ 1,250 s, one run ≈ 950 s, one 300 x 50 scoring ≈ 450 s. The full grid (5 tasks x 10 configurations x 3 seeds
-= 150 runs) is ≈ 40-60 h here; 3 h hold one task's curve and LayerIF, depth, random and uniform at one or two
-seeds. Units therefore run in priority order — per task: curve, base model, seed 0 then seed 1 of LayerIF
+the same compute. Measured in the committed run: curves of 120 steps with 5 validation points and the final
+test evaluation 528 s (cola) to 1,322 s (mrpc), a 60-step mrpc run ≈ 560 s, mrpc scoring at 300 x 50 435 s.
+The grid on three kept tasks (10 configurations x 3 seeds each) is ≈ 15-20 h here; 3 h hold the screen of
+four tasks and LayerIF, depth, random and uniform at one or two seeds on one task. Units therefore run in priority order — per task: curve, base model, seed 0 then seed 1 of LayerIF
 S_pos, depth, random, uniform, and the plain LoRA; after every task: seed 2 and the other allocations — each
 saved under runs/bench-moe-standard/, so stopping at any point leaves complete tables for what finished and a
 rerun continues. The curve's run is the uniform MoE's seed-0 run when the chosen steps are the curve's last
@@ -57,7 +57,7 @@ SEEDS = (0, 1, 2)
 BUDGET, BETA, BATCH, LR = 150, 2.5, 8, 3e-4
 MAX_STEPS, EVAL_EVERY, N_VAL, N_TEST = 120, 30, 200, 500  # the docstring (and so the report) quotes these
 SCORE_TRAIN, SCORE_VAL = 300, 50
-ESTIMATES = {"scores": 450, "curve": 1250, "run": 950, "base": 130}
+ESTIMATES = {"scores": 450, "curve": 1000, "run": 600, "base": 110}  # measured means (mrpc runs; rte ≈ 1.6x)
 KEEP_ALL = False  # smoke only: keep every task whatever its curve, to exercise the run units
 
 
