@@ -408,7 +408,11 @@ def test_11_interrupt_says_what_was_kept(tmp_path, sig, code):
     # the run waits after saving its first unit, so the signal always lands mid-run: without the wait a fast
     # machine could finish the tiny run between the poll that sees the unit and the signal (exit 0, seen once)
     wrapper = tmp_path / "slow_after_first_unit.py"
+    # SIGINT back to Python's default: a test runner started in the background by a non-interactive shell
+    # passes SIGINT on as ignored, and the child would then never see the Ctrl-C this test sends
     wrapper.write_text(
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import time\n"
         "import layerif.checkpoint as checkpoint\n"
         "save = checkpoint.Checkpoint.save\n"
