@@ -174,14 +174,9 @@ class MoEStudy:
             log = train_moe(model, loaded.tokenizer, self.rows(task, "train"),
                             TrainConfig(steps=MAX_STEPS, lr=LR, batch_size=BATCH, train_on_inputs=False, seed=0),
                             quiet=True, on_step=evaluate)
-            t0 = time.perf_counter()
-            test = self.accuracy_rows(model, self.rows(task, "test")[:N_TEST])
             # The uniform MoE's seed-0 run at MAX_STEPS: reused by run_unit when the chosen steps are MAX_STEPS.
-            final = {"task": task, "method": "uniform", "seed": 0, "steps": MAX_STEPS, "counts": allocation.counts,
-                     "correct": test, "accuracy": float(np.mean(test)), "train_s": log["seconds"],
-                     "eval_s": time.perf_counter() - t0, "micro_batch_size": log["micro_batch_size"],
-                     "final_loss": log["final_loss"], "from_curve": True}
-            return {"base": base, "points": points, "final_run": final}
+            final = self.test_record(model, task, "uniform", 0, MAX_STEPS, allocation, log)
+            return {"base": base, "points": points, "final_run": {**final, "from_curve": True}}
 
         return self.units.run(f"curve-{task}", compute)
 
@@ -192,15 +187,19 @@ class MoEStudy:
 
         def compute() -> dict:
             model, allocation, log = self.train(task, method, seed, steps)
-            model.eval()
-            t0 = time.perf_counter()
-            correct = self.accuracy_rows(model, self.rows(task, "test")[:N_TEST])
-            return {"task": task, "method": method, "seed": seed, "steps": steps, "counts": allocation.counts,
-                    "correct": correct, "accuracy": float(np.mean(correct)), "train_s": log["seconds"],
-                    "eval_s": time.perf_counter() - t0, "micro_batch_size": log["micro_batch_size"],
-                    "final_loss": log["final_loss"]}
+            return self.test_record(model, task, method, seed, steps, allocation, log)
 
         return self.units.run(f"run-{task}-{method}-s{seed}", compute)
+
+    def test_record(self, model, task: str, method: str, seed: int, steps: int, allocation, log: dict) -> dict:
+        """A trained run's record: per-row test correctness and its training log's figures."""
+        model.eval()
+        t0 = time.perf_counter()
+        correct = self.accuracy_rows(model, self.rows(task, "test")[:N_TEST])
+        return {"task": task, "method": method, "seed": seed, "steps": steps, "counts": allocation.counts,
+                "correct": correct, "accuracy": float(np.mean(correct)), "train_s": log["seconds"],
+                "eval_s": time.perf_counter() - t0, "micro_batch_size": log["micro_batch_size"],
+                "final_loss": log["final_loss"]}
 
     def base_unit(self, task: str) -> dict:
         def compute() -> dict:
@@ -247,12 +246,12 @@ def schedule(study: MoEStudy, tasks, report: bool = True) -> None:
             for method in CORE:
                 run(task, method, seed)
         run(task, "plain-lora", SEEDS[0])
+    ran_first = {(method, seed) for seed in SEEDS[:2] for method in CORE} | {("plain-lora", SEEDS[0])}
     for seed in SEEDS:
         for task in kept:
             for method in METHODS:
-                if seed in SEEDS[:2] and method in CORE or (method, seed) == ("plain-lora", SEEDS[0]):
-                    continue
-                run(task, method, seed)
+                if (method, seed) not in ran_first:
+                    run(task, method, seed)
 
 
 def majority_share(study: MoEStudy, task: str, split: str) -> str:
@@ -299,7 +298,7 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
         if ok:
             kept.append(task)
     lines.append("")
-    verdicts, csv_rows, by_method = [], [], {}
+    verdicts, csv_rows, by_method, noise = [], [], {}, []
     for task in kept:
         ours = records(study, task, "layerif-S_pos")
         base = units.get(f"base-{task}")
@@ -311,6 +310,10 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
             if not runs:
                 continue
             by_method.setdefault(method, {})[task] = runs
+            if len(runs) >= 2:
+                # same allocation, another training seed: the size of a difference training randomness alone makes
+                noise.append(f"- {task}, {method}: seed {runs[1]['seed']} − seed {runs[0]['seed']} = "
+                             f"{acc_text(compare_accuracy(runs[1]['correct'], runs[0]['correct']))}")
             accs = [100 * r["accuracy"] for r in runs]
             delta = "—"
             if method != "layerif-S_pos" and ours:
@@ -332,14 +335,6 @@ def write_report(study: MoEStudy, tasks, command: str = "python bench/moe.py --s
         comparison = compare_accuracy({t: [r["correct"] for r in ours_all[t]] for t in shared},
                                       {t: [r["correct"] for r in per_task[t]] for t in shared})
         averaged.append((f"mean of {', '.join(shared)}", method, comparison, ""))
-    noise = []
-    for task in kept:
-        for method in METHODS:
-            runs = records(study, task, method)
-            if len(runs) >= 2:
-                # same allocation, another training seed: the size of a difference training randomness alone makes
-                noise.append(f"- {task}, {method}: seed {runs[1]['seed']} − seed {runs[0]['seed']} = "
-                             f"{acc_text(compare_accuracy(runs[1]['correct'], runs[0]['correct']))}")
     if noise:
         lines += ["## Training noise (same allocation, another seed)", "",
                   "The intervals above resample test rows (seeds averaged inside a resample); they do not see how "
