@@ -79,11 +79,16 @@ def calibration_ids(
         raise LayerIFError(f"--calib-sequences must be >= 1, got {n_sequences}")
     if length < 2:
         raise LayerIFError(f"--calib-length must be >= 2, got {length}")
-    ids = tokenize_text(read_text(source), tokenizer)
+    return sample_windows(tokenize_text(read_text(source), tokenizer), n_sequences, length, seed, str(source))
+
+
+def sample_windows(ids: torch.Tensor, n_sequences: int, length: int, seed: int = 0,
+                   source: str = "the calibration text") -> torch.Tensor:
+    """`n_sequences` windows of `length` tokens at seeded random starts in 1-D `ids` -> [n_sequences, length]."""
     if len(ids) <= length:
         raise LayerIFError(f"calibration text {source} has {len(ids)} tokens, fewer than one sequence of {length}")
     starts = np.random.default_rng(seed).integers(0, len(ids) - length, size=n_sequences)
-    return torch.stack([ids[start : start + length] for start in starts])
+    return ids[torch.as_tensor(starts)[:, None] + torch.arange(length)[None, :]]
 
 
 class _Captured(Exception):

@@ -106,12 +106,27 @@ class Checkpoint:
         self.loaded.append(name)
         return load_file(str(self.directory / f"{name}.safetensors"))
 
-    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Save a unit atomically and record it."""
+    def save(self, name: str, tensors: dict[str, torch.Tensor], record: dict | None = None) -> None:
+        """Save a unit atomically and record it (`record`: JSON kept in the file's metadata)."""
         path = self.directory / f"{name}.safetensors"
-        atomic_save_tensors(path, tensors)
+        metadata = None if record is None else {"record": json.dumps(record, default=str)}
+        atomic_save_tensors(path, tensors, metadata)
         self.units[name] = _sha256(path)
         self._write_manifest()
+
+    def record(self, name: str) -> dict:
+        """The JSON record saved with a unit (call `has` first); {} when it was saved without one."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.directory / f"{name}.safetensors"), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return json.loads(metadata["record"]) if "record" in metadata else {}
+
+    def drop(self, name: str) -> None:
+        """Forget a unit and delete its file (work that is no longer needed)."""
+        if self.units.pop(name, None) is not None:
+            self._write_manifest()
+        (self.directory / f"{name}.safetensors").unlink(missing_ok=True)
 
 
 def _manifest(directory: Path) -> dict | None:
@@ -146,8 +161,9 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
     found = [directory / name for name in sorted(names)]
     found += sorted(directory.glob(".layerif-spill-*-*"))  # spill folders, named by pid
     found += sorted(directory.glob(".manifest.json.*.tmp")) + sorted(directory.glob(".layer-*.safetensors.*.tmp"))
-    found += sorted(directory.glob(".stream-*.safetensors.*.tmp"))
+    found += sorted(directory.glob(".stream-*.safetensors.*.tmp")) + sorted(directory.glob(".compare-*.safetensors.*.tmp"))
     found += sorted(directory.glob(".layerif-disk-probe-*"))
     if manifest is not None:  # units saved before the manifest recorded them (a kill in between)
         found += sorted(directory.glob("layer-*.safetensors")) + sorted(directory.glob("stream-*.safetensors"))
+        found += sorted(directory.glob("compare-*.safetensors"))
     return found

@@ -1,4 +1,4 @@
-"""Command line: `layerif score | demo | stability | allocate | prune | evaluate | moe`. Thin: parse, call the API, print."""
+"""Command line: `layerif score | demo | stability | allocate | prune | compare | evaluate | moe`. Thin: parse, call the API, print."""
 
 from __future__ import annotations
 
@@ -209,6 +209,62 @@ def prune_command(
         _print_ratios(plan, f"{method} with {plan.allocation} ratios")
     typer.echo(f"measured sparsity {report.overall:.4f} (largest per-matrix deviation {report.max_deviation:.2e}); "
                f"wrote {Path(out) / 'ratios.json'} and prune.json" + (" and the model" if save_model else ""))
+
+
+compare_app = typer.Typer(no_args_is_help=True, help="Controlled comparisons of allocations, with seed-aware intervals.")
+app.add_typer(compare_app, name="compare")
+
+
+@compare_app.command("prune")
+def compare_prune_command(
+    model: str = typer.Option(..., "--model", help="Hub id, local model directory, .gguf file, or built-in name."),
+    out: str = typer.Option(..., "--out", help="Folder for compare.json, compare.md, runs.csv, window_nll.csv (resumable)."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration text; its last --valid-windows windows choose ε unless --valid."),
+    test: str | None = typer.Option(None, "--test", help="Test text (first --test-windows windows)."),
+    scores: list[str] = typer.Option([], "--scores", help="`layerif score` run for layerif/reversed/random; LABEL=RUN adds one for `layerif@LABEL` (repeatable)."),
+    method: str = typer.Option("wanda", "--method", help="magnitude, wanda or sparsegpt."),
+    sparsity: float = typer.Option(..., "--sparsity", help="Target mean sparsity, inside (0, 1)."),
+    allocations: str = typer.Option("layerif,depth,random,uniform", "--allocations",
+                                    help="Comma list of layerif, depth, random, uniform, owl, alphapruning, reversed; "
+                                         "layerif:S_top25 or layerif@LABEL for variants. The first is compared with all."),
+    calib_seeds: int = typer.Option(3, "--calib-seeds", help="Calibration seeds (one pruned model each)."),
+    random_seeds: int = typer.Option(3, "--random-seeds", help="Placements of the random control."),
+    epsilon_grid: str = typer.Option("0.2,0.3,0.4,0.5", "--epsilon-grid", help="ε values tried on the validation windows."),
+    valid: str | None = typer.Option(None, "--valid", help="Validation text (default: the held-out end of --calib)."),
+    valid_windows: int = typer.Option(96, "--valid-windows", help="Validation windows that choose ε."),
+    test_windows: int = typer.Option(200, "--test-windows", help="Test windows."),
+    window_length: int = typer.Option(512, "--window-length", help="Tokens per validation/test window."),
+    calib_sequences: int = typer.Option(128, "--calib-sequences", help="Calibration sequences per seed."),
+    calib_length: int = typer.Option(512, "--calib-length", help="Tokens per calibration sequence."),
+    block_windows: int = typer.Option(10, "--block-windows", help="Consecutive windows resampled together (about one article)."),
+    resamples: int = typer.Option(10000, "--resamples", help="Bootstrap resamples."),
+    aggregation: str = typer.Option("S_pos", "--score", help="Default layer score of the LayerIF allocations."),
+    no_dense: bool = typer.Option(False, "--no-dense", help="Skip evaluating the dense model."),
+    units: str | None = typer.Option(None, "--units", help="Folder that keeps finished units across comparisons (default: inside --out until it is published)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration sequences per forward."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Model dtype (default: the checkpoint's)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: where the model loads)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP + " Also discards finished units."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or table."),
+) -> None:
+    """Prune with each allocation over calibration seeds, choose ε on validation, and say which is better."""
+    from layerif.compare import ComparePruneJob
+    from layerif.compare.results import ratio_text
+
+    job = ComparePruneJob(model=model, out=out, calib=calib, test=test, scores=tuple(scores), method=method,
+                          sparsity=sparsity, allocations=allocations, calib_seeds=calib_seeds,
+                          random_seeds=random_seeds, epsilon_grid=epsilon_grid, valid=valid,
+                          valid_windows=valid_windows, test_windows=test_windows, window_length=window_length,
+                          calib_sequences=calib_sequences, calib_length=calib_length, block_windows=block_windows,
+                          resamples=resamples, score_name=aggregation, dense=not no_dense, units=units, batch_size=batch_size,
+                          dtype=dtype, device=device, quiet=quiet, overwrite=overwrite)
+    result = job.run()
+    if not quiet:
+        typer.echo(result.table().to_string(index=False))
+    first = result.arms[0]["allocation"]
+    for verdict in (v for v in result.verdicts if v["allocation"] == first):
+        typer.echo(f"{first} vs {verdict['baseline']}: {verdict['reading']} ({ratio_text(verdict)})")
+    typer.echo(f"wrote compare.json, compare.md, runs.csv and window_nll.csv to {out}")
 
 
 @app.command("evaluate")

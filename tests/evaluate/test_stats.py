@@ -154,3 +154,64 @@ def test_one_item_is_refused_rather_than_read_as_certain():
         compare_log_perplexity([10.0], [12.0], [5.0])
     with pytest.raises(LayerIFError, match="at least 2 items"):
         compare_log_perplexity(np.full(8, 10.0), np.full(8, 12.0), np.full(8, 5.0), block=8)
+
+
+def simulated_study(rng, n_seeds: int = 3, seed_sd: float = 0.02, article_sd: float = 0.03,
+                    n_windows: int = 100, block: int = 10, tokens: int = 100):
+    """Per-window NLL of A and B (seeds x windows) whose true difference, averaged over seeds and articles, is 0.
+
+    A's models differ from B's by a per-seed shift (sd `seed_sd`, what a calibration seed does) and by a
+    per-article shift (sd `article_sd`, shared by A's seeds: some texts suit A); window noise on top.
+    """
+    base = rng.normal(3.0, 0.2, n_windows)
+    article = rng.normal(0, article_sd, n_windows // block).repeat(block)
+    seed = rng.normal(0, seed_sd, (n_seeds, 1))
+    nll_a = (base + article + seed + rng.normal(0, 0.02, (n_seeds, n_windows))) * tokens
+    nll_b = (base + rng.normal(0, 0.02, (n_seeds, n_windows))) * tokens
+    return nll_a, nll_b, np.full(n_windows, tokens)
+
+
+def test_two_level_interval_covers_with_known_seed_variance_and_one_level_does_not():
+    from layerif.evaluate.stats import two_level_log_perplexity
+
+    rng = np.random.default_rng(0)
+    trials, two_covers, one_covers = 400, 0, 0
+    for trial in range(trials):
+        nll_a, nll_b, tokens = simulated_study(rng)
+        two = two_level_log_perplexity(nll_a, nll_b, tokens, block=10, n_resamples=1000, seed=trial)
+        one = compare_log_perplexity(nll_a, nll_b, tokens, block=10, n_resamples=1000, seed=trial)
+        two_covers += two.low <= 0 <= two.high
+        one_covers += one.low <= 0 <= one.high
+    assert 0.90 <= two_covers / trials <= 0.985
+    # the one-level interval holds the seeds' models fixed: with this much seed variance it is far too narrow
+    assert one_covers / trials < 0.85
+    assert one_covers / trials < two_covers / trials - 0.1
+
+
+def test_two_level_without_seed_variance_matches_the_block_interval():
+    from layerif.evaluate.stats import two_level_log_perplexity
+
+    nll_a, nll_b, tokens = simulated_study(np.random.default_rng(1), seed_sd=0.0)
+    nll_a[1:] = nll_a[0]  # identical seeds: nothing varies between them
+    nll_b[1:] = nll_b[0]
+    two = two_level_log_perplexity(nll_a, nll_b, tokens, block=10, n_resamples=4000)
+    one = compare_log_perplexity(nll_a, nll_b, tokens, block=10, n_resamples=4000)
+    assert two.estimate == pytest.approx(one.estimate)
+    assert two.seed_share == pytest.approx(0.0, abs=1e-9)
+    # same width up to the t quantile (9 degrees of freedom for 10 blocks) and resampling noise
+    assert (two.high - two.low) / (one.high - one.low) == pytest.approx(2.262 / 1.96, rel=0.15)
+
+
+def test_two_level_detects_a_real_difference_and_checks_its_input():
+    from layerif.evaluate.stats import two_level_log_perplexity
+
+    nll_a, nll_b, tokens = simulated_study(np.random.default_rng(2), seed_sd=0.005, article_sd=0.005)
+    better = two_level_log_perplexity(nll_a - 0.05 * tokens, nll_b, tokens, block=10, n_resamples=2000)
+    assert better.verdict(higher_is_better=False) == "better" and better.p_value < 0.01
+    assert math.exp(better.estimate) < 1
+    unpaired = two_level_log_perplexity(nll_a[:2], nll_b, tokens, block=10, n_resamples=500)
+    assert unpaired.n_items == 10 and unpaired.dof > 1
+    with pytest.raises(LayerIFError, match="paired seeds"):
+        two_level_log_perplexity(nll_a[:2], nll_b, tokens, paired=True)
+    with pytest.raises(LayerIFError, match="at least 2 runs"):
+        two_level_log_perplexity(nll_a, nll_b, tokens, block=100)

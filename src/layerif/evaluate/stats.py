@@ -13,6 +13,10 @@ that configuration's seeds. The difference A − B over 10,000 resamples gives
 Statistics: mean accuracy from per-row correctness (a list of tasks is averaged with equal weight per task, each
 task's rows resampled on their own), and log-perplexity from per-window NLL, token-weighted inside a resample:
 log ppl = Σ NLL / Σ tokens over the drawn windows; with `block`, runs of consecutive windows are the items.
+
+`two_level_log_perplexity` adds the variance between seeds (calibration or placement seeds), which resampling
+the windows alone never sees; see its docstring and docs/compare.md for why it is a t interval around a
+two-level bootstrap standard error rather than a percentile interval.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from layerif.errors import LayerIFError
 
@@ -39,6 +44,9 @@ class Comparison:
     n_items: int
     n_resamples: int
     confidence: float
+    standard_error: float | None = None  # two-level: bootstrap standard error of the estimate
+    dof: float | None = None  # two-level: Welch-Satterthwaite degrees of freedom of the t interval
+    seed_share: float | None = None  # two-level: share of the variance that comes from the seeds
 
     def verdict(self, higher_is_better: bool) -> str:
         """'better' / 'worse' for A when the interval excludes 0, else 'not distinguishable'."""
@@ -163,3 +171,100 @@ def seed_spread(values) -> dict:
         raise LayerIFError("no values to summarise")
     return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
             "min": float(values.min()), "max": float(values.max()), "n": int(values.size)}
+
+
+def _blocks(runs: np.ndarray, tokens: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum per-window NLL and tokens over runs of `block` consecutive windows (the last run may be shorter)."""
+    starts = np.arange(0, runs.shape[1], block)
+    return np.add.reduceat(runs, starts, axis=1), np.add.reduceat(tokens, starts)
+
+
+def _seed_draws(rng, n_seeds: int, size: int) -> np.ndarray:
+    """Seed weights of `size` resamples: multinomial counts / n_seeds -> [size, n_seeds]."""
+    return rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=size) / n_seeds
+
+
+def _inflated(per_seed: np.ndarray, log_ppl: np.ndarray) -> np.ndarray:
+    """Per-resample per-seed log ppl with each seed's deviation from the seed mean scaled by sqrt(s / (s - 1)).
+
+    Resampling s seeds with replacement shrinks their variance by (s - 1) / s (by a third for 3 seeds); scaling
+    the deviations undoes that, as the unbiased sample variance does.
+    """
+    n_seeds = log_ppl.shape[0]
+    if n_seeds < 2:
+        return per_seed
+    deviation = log_ppl - log_ppl.mean()
+    return per_seed + (np.sqrt(n_seeds / (n_seeds - 1)) - 1) * deviation[None, :]
+
+
+def two_level_log_perplexity(nll_a, nll_b, tokens, *, block: int = 10, paired: bool | None = None,
+                             n_resamples: int = RESAMPLES, seed: int = 0,
+                             confidence: float = CONFIDENCE) -> Comparison:
+    """Log-perplexity A − B over seeds x windows, with an interval that sees both seed and window variance.
+
+    `nll_a` [s_a, n], `nll_b` [s_b, n]: summed NLL of the same n test windows under each seed's model (a
+    calibration seed, a placement seed). The estimand is the difference averaged over seeds and over texts
+    like the test text. One resample of the two-level bootstrap draws the seeds with replacement (the same seed
+    indices for A and B when `paired`, i.e. run k of A and of B share seed k; the default pairs them when both
+    have the same number of seeds), then runs of `block` consecutive windows (about one article) with
+    replacement, the same runs for A and B; its statistic is the mean over drawn seeds of each seed's
+    token-weighted log ppl on the drawn windows.
+
+    With 3 seeds a percentile interval of that bootstrap cannot reach its level: when seeds dominate it is
+    about the range of 3 values, which holds the mean only 75 % of the time. So the interval is
+    estimate ± t · SE, where SE is the standard deviation of the two-level resamples (seed deviations scaled by
+    sqrt(s / (s − 1)), see `_inflated`) and t the quantile of a t distribution whose degrees of freedom come
+    from Welch-Satterthwaite on the two parts of the variance: between seeds (s − 1 degrees of freedom each
+    arm) and between article runs (blocks − 1). The p-value is the matching two-sided t test. An arm with one
+    seed has no seed variance to estimate: its seed part is 0 and the interval is a windows-only one.
+    """
+    runs_a, runs_b, tokens = _group(nll_a, nll_b, tokens)
+    if tokens is None:
+        raise LayerIFError("need one positive token count per window")
+    if block < 1:
+        raise LayerIFError(f"block must be >= 1, got {block}")
+    if n_resamples < 2 or not 0 < confidence < 1:
+        raise LayerIFError("need n_resamples >= 2 and a confidence inside (0, 1)")
+    blocks_a, block_tokens = _blocks(runs_a, tokens, block)
+    blocks_b, _ = _blocks(runs_b, tokens, block)
+    n_blocks = block_tokens.size
+    if n_blocks < 2:
+        raise LayerIFError(f"need at least 2 runs of {block} windows to bootstrap, got {n_blocks}")
+    if paired is None:
+        paired = runs_a.shape[0] == runs_b.shape[0]
+    if paired and runs_a.shape[0] != runs_b.shape[0]:
+        raise LayerIFError(f"paired seeds need as many runs of A as of B ({runs_a.shape[0]} vs {runs_b.shape[0]})")
+    log_a = runs_a.sum(axis=1) / tokens.sum()  # each seed's log ppl on the whole test text
+    log_b = runs_b.sum(axis=1) / tokens.sum()
+    estimate = float(log_a.mean() - log_b.mean())
+    rng = np.random.default_rng(seed)
+    draws, window_only = [], []
+    for first in range(0, n_resamples, _CHUNK):
+        size = min(_CHUNK, n_resamples - first)
+        counts = rng.multinomial(n_blocks, np.full(n_blocks, 1.0 / n_blocks), size=size).astype(np.float64)
+        denominator = (counts @ block_tokens)[:, None]
+        per_seed_a = _inflated(counts @ blocks_a.T / denominator, log_a)  # [size, s_a]
+        per_seed_b = _inflated(counts @ blocks_b.T / denominator, log_b)
+        weights_a = _seed_draws(rng, runs_a.shape[0], size)
+        weights_b = weights_a if paired else _seed_draws(rng, runs_b.shape[0], size)
+        draws.append((per_seed_a * weights_a).sum(axis=1) - (per_seed_b * weights_b).sum(axis=1))
+        # the seeds' deviations sum to 0, so this is the windows-only resample of the seed-averaged difference
+        window_only.append(per_seed_a.mean(axis=1) - per_seed_b.mean(axis=1))
+    draws, window_only = np.concatenate(draws), np.concatenate(window_only)
+    standard_error = float(draws.std(ddof=1))
+    # the two parts of the variance and their degrees of freedom (Welch-Satterthwaite)
+    window_var = float(window_only.var(ddof=1))
+    seed_parts = [log_a - log_b] if paired else [log_a, log_b]
+    parts = [(float(np.var(log, ddof=1)) / log.size, log.size - 1) for log in seed_parts if log.size >= 2]
+    parts.append((window_var, n_blocks - 1))
+    total = sum(v for v, _ in parts)
+    denominator_df = sum(v * v / d for v, d in parts)
+    dof = float(total * total / denominator_df) if denominator_df > 0 else float(n_blocks - 1)
+    seed_share = float(1 - window_var / total) if total > 0 else 0.0
+    if standard_error == 0:
+        return Comparison(estimate, estimate, estimate, 1.0 if estimate == 0 else 0.0, int(n_blocks),
+                          n_resamples, confidence, 0.0, dof, seed_share)
+    t = float(scipy_stats.t.ppf(0.5 + confidence / 2, dof))
+    p_value = float(2 * scipy_stats.t.sf(abs(estimate) / standard_error, dof))
+    return Comparison(estimate, estimate - t * standard_error, estimate + t * standard_error, p_value,
+                      int(n_blocks), n_resamples, confidence, standard_error, dof, seed_share)

@@ -110,15 +110,22 @@ def build_report(runs: list[str | Path], out: str | Path, options: ReportOptions
     if not runs:
         raise LayerIFError("give at least one run folder")
     out = check_output(out)
-    views = [load_run(path, name) for path, name in zip(runs, unique_names(runs))]
+    from layerif.compare.results import load_compare
+
+    # a folder written by `layerif compare` renders as a comparison section; the others are scoring runs
+    compares = [(name, load_compare(path)) for path, name in zip(runs, unique_names(runs))
+                if (Path(path) / "compare.json").is_file()]
+    score_runs = [(path, name) for path, name in zip(runs, unique_names(runs)) if not (Path(path) / "compare.json").is_file()]
+    views = [load_run(path, name) for path, name in score_runs]
     for view in views:
         if options.budget is not None and options.budget < view.n_layers:
             raise LayerIFError(f"--budget {options.budget} is below the {view.n_layers} blocks of {view.name} "
                                f"(every block needs at least one expert)")
-    return atomic_write_text(out, render_report(views, options, inputs or ModelInputs()))
+    return atomic_write_text(out, render_report(views, options, inputs or ModelInputs(), compares))
 
 
-def render_report(views: list[RunView], options: ReportOptions, inputs: ModelInputs) -> str:
+def render_report(views: list[RunView], options: ReportOptions, inputs: ModelInputs,
+                  compares: list[tuple[str, dict]] = ()) -> str:
     """The whole HTML page as a string."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -131,6 +138,7 @@ def render_report(views: list[RunView], options: ReportOptions, inputs: ModelInp
             f" written {escape(datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))} by layerif "
             f"{escape(package)}. Higher score = more sensitive to the data = less well trained.</p>"]
     links = [f"<a href='#run{index}'>{escape(view.name)}</a>" for index, view in enumerate(views)]
+    links += [f"<a href='#compare{index}'>{escape(name)}</a>" for index, (name, _) in enumerate(compares)]
     if comparison is not None:
         links.append("<a href='#tasks'>across runs</a>")
     body.append(f"<nav>{''.join(links)}</nav>")
@@ -138,11 +146,47 @@ def render_report(views: list[RunView], options: ReportOptions, inputs: ModelInp
         body.append(_tasks_section(comparison, options))
     for index, view in enumerate(views):
         body.append(_run_section(index, view, options, inputs))
+    for index, (name, data) in enumerate(compares):
+        body.append(_compare_section(index, name, data))
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f'<meta name="generator" content="{GENERATOR}">'
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>LayerIF report: {escape(', '.join(view.name for view in views))}</title>"
             f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _compare_section(index: int, name: str, data: dict) -> str:
+    """A `layerif compare` folder: the per-allocation table, every verdict, the ε sweeps."""
+    import pandas as pd
+
+    setting = data["setting"]
+    first = data["allocations"][0]["allocation"] if data["allocations"] else ""
+    rows = []
+    for arm in data["allocations"]:
+        ppl = [run["test_ppl"] for run in data["runs"] if run["allocation"] == arm["allocation"]]
+        verdict = next((v for v in data["verdicts"] if v["allocation"] == first and v["baseline"] == arm["allocation"]),
+                       {})
+        rows.append({"allocation": arm["allocation"], "ε": "—" if arm["epsilon"] is None else f"{arm['epsilon']:g}",
+                     "runs": len(ppl), "test ppl (mean)": float(np.mean(ppl)) if ppl else float("nan"),
+                     "min": min(ppl, default=float("nan")), "max": max(ppl, default=float("nan")),
+                     f"{first} / row": verdict.get("ratio", float("nan")), "lo": verdict.get("lo", float("nan")),
+                     "hi": verdict.get("hi", float("nan")), "p": verdict.get("p", float("nan")),
+                     "reading": verdict.get("reading", "—"),
+                     "one-level lo": verdict.get("one_level", {}).get("lo", float("nan")),
+                     "one-level hi": verdict.get("one_level", {}).get("hi", float("nan"))})
+    sentences = [f"{v['allocation']} vs {v['baseline']}: {v['reading']} (ratio {v['ratio']:.3f}, 95 % "
+                 f"[{v['lo']:.3f}, {v['hi']:.3f}], p = {v['p']:.3g}; {v['runs'][0]} vs {v['runs'][1]} runs)"
+                 for v in data["verdicts"]] or ["no comparison has finished yet"]
+    summary = (f"{setting['method']} at {setting['sparsity']:g} on {setting['model']}; {setting['calib_seeds']} "
+               f"calibration seed(s), ε from {setting['epsilon_grid']} on {setting['valid_windows']} validation "
+               f"windows, {setting['test_windows']} test windows of {setting['window_length']} tokens; intervals: "
+               f"two-level bootstrap (seeds, then blocks of {setting['block_windows']} windows)"
+               + ("" if data.get("complete") else "; PARTIAL: not every run has finished"))
+    sweeps = pd.DataFrame([{"allocation": arm["allocation"], **{f"ε {k}": v for k, v in arm["sweep"].items()}}
+                           for arm in data["allocations"] if arm["sweep"] and arm["epsilon_from"] == arm["allocation"]])
+    return (f"<h2 id='compare{index}'>{escape(name)}: comparison</h2><p class='muted'>{escape(summary)}</p>"
+            f"{_frame_table(pd.DataFrame(rows))}{_reading(sentences, f'compare{index}-reading')}"
+            + ("" if sweeps.empty else f"<h3>ε sweep (validation perplexity)</h3>{_frame_table(sweeps)}"))
 
 
 def _reading(sentences: list[str], section_id: str) -> str:

@@ -1,0 +1,84 @@
+"""Finished units of a comparison (one pruned model, evaluated), saved one file each so a killed run resumes.
+
+A unit is a safetensors file in the output folder's checkpoint (arrays such as per-window NLL or a mask) with
+its JSON record in the file's metadata; the checkpoint manifest lists every unit with its SHA-256, so a unit
+that was cut short or damaged is recomputed, never read. The manifest also holds the fingerprint of what
+decides the numbers (model, texts, sizes): a folder holding units of another configuration is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from layerif.checkpoint import Checkpoint
+
+PREFIX = "compare-"  # unit files are named compare-<key>.safetensors (see checkpoint_files)
+
+
+def machine_state() -> dict:
+    """What timings depend on: cores, load average, memory, torch threads and versions."""
+    state = {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpus": os.cpu_count(),
+             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+             "python": platform.python_version()}
+    try:
+        state["load_average"] = [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        state["memory_total_gib"] = round(memory.total / 2**30, 1)
+        state["memory_available_gib"] = round(memory.available / 2**30, 1)
+    except ImportError:
+        pass
+    return state
+
+
+class UnitStore:
+    """Units of one comparison: `run(key, compute)` returns the saved unit or computes, times and saves it."""
+
+    def __init__(self, directory: str | Path, fingerprint: dict, overwrite: bool = False,
+                 on_saved: Callable[[str, dict], None] | None = None):
+        self.checkpoint = Checkpoint(directory, fingerprint).open(overwrite=overwrite)
+        self.on_saved = on_saved
+        self.computed: list[str] = []
+
+    def done(self, key: str) -> bool:
+        return self.checkpoint.has(PREFIX + key)
+
+    def get(self, key: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """(record, arrays) of a finished unit, or None."""
+        if not self.done(key):
+            return None
+        return self.checkpoint.record(PREFIX + key), self.checkpoint.load(PREFIX + key)
+
+    def run(self, key: str, compute: Callable[[], tuple[dict, dict[str, torch.Tensor]]]) -> tuple[dict, dict]:
+        """The saved (record, arrays) of `key`, or compute them, add the seconds taken, save and return them."""
+        saved = self.get(key)
+        if saved is not None:
+            return saved
+        started = time.perf_counter()
+        record, arrays = compute()
+        record = {**record, "seconds": round(time.perf_counter() - started, 3),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        # safetensors refuses a file without tensors
+        arrays = arrays or {"none": torch.zeros(1)}
+        self.checkpoint.save(PREFIX + key, arrays, record)
+        self.computed.append(key)
+        if self.on_saved is not None:
+            self.on_saved(key, record)
+        return record, arrays
+
+    def drop(self, key: str) -> None:
+        self.checkpoint.drop(PREFIX + key)
+
+    def keys(self) -> list[str]:
+        """Keys of every saved unit."""
+        return sorted(name[len(PREFIX):] for name in self.checkpoint.units if name.startswith(PREFIX))

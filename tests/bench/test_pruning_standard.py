@@ -1,0 +1,45 @@
+"""The pruning study preset is sizes over `layerif compare prune`: a tiny run writes the study's tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import save_tiny_model
+
+DATA = REPO.parent / "shared" / "data"
+
+
+def load_bench():
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("pruning_standard", REPO / "bench" / "pruning_standard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not (DATA / "text" / "wikitext2" / "valid.txt").is_file() or not (DATA / "zeroshot").is_dir(),
+                    reason="benchmark data not present")
+def test_smoke_study_writes_partial_then_complete_tables(tmp_path):
+    bench = load_bench()
+    model = save_tiny_model(tmp_path / "model", layers=3)
+    study = bench.Study(smoke=True, model=str(model), work=tmp_path / "work")
+    seen = []
+    study.write = lambda original=study.write: (seen.append(dict(study.latest)), original())
+    study.run([("wanda", 0.7)], variants=True)
+    page = (tmp_path / "work" / "pruning_full.md").read_text()
+    assert "**Partial tables**" in page  # the other two settings never ran
+    assert "## wanda at 70%" in page and "layerif vs depth" in page
+    rows = (tmp_path / "work" / "pruning_full.csv").read_text().splitlines()
+    assert rows[0].startswith("comparison,") and len(rows) > 10
+    assert (tmp_path / "work" / "pruning_full.png").is_file()
+    # the first tables were written after the first unit, from a partial comparison
+    first = next(iter(seen[0].values()))
+    assert not first.complete and len(first.runs) <= 1
+    # a fresh study object finds the published comparisons without running anything
+    again = bench.Study(smoke=True, model=str(model), work=tmp_path / "work")
+    again.load_finished()
+    assert "wanda-70" in again.latest and again.latest["wanda-70"].complete
