@@ -192,3 +192,32 @@ def test_report_renders_the_comparison(finished, tmp_path):
     assert run_cli("report", str(finished), "--out", str(tmp_path / "report.html")) == 0
     page = (tmp_path / "report.html").read_text()
     assert "comparison" in page and "layerif vs depth" in page and "ε sweep" in page
+
+
+def test_a_units_folder_is_shared_and_units_of_changed_scores_are_recomputed(setup, tmp_path):
+    from layerif.compare import ComparePruneJob
+
+    scores = tmp_path / "scores"
+    LayerScores.load(setup / "scores").save(scores)
+    args = {**sizes(setup), "scores": (str(scores),), "calib_seeds": 1, "random_seeds": 1}
+    first = ComparePruneJob(out=str(tmp_path / "a"), allocations="layerif,depth", units=str(tmp_path / "units"),
+                            **args)
+    first.run()
+    computed_first = set(first.store.computed)
+    assert {"test-layerif-c0-r0", "test-depth-c0-r0", "dense"} <= computed_first
+    # another comparison on the same units: depth and the dense model come back, only uniform is new
+    second = ComparePruneJob(out=str(tmp_path / "b"), allocations="layerif,depth,uniform",
+                             units=str(tmp_path / "units"), **args)
+    second.run()
+    assert second.store.computed == ["test-uniform-c0-r0"]
+    # new scores in the same run folder: every unit that used them is stale, the others stay
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 10, generator=generator)
+    LayerScores(q=q, module_names=NAMES, q_modules=q.unsqueeze(1).repeat(1, 7, 1) / 7, n_params=[15360] * 3,
+                n_val=4).save(scores)
+    third = ComparePruneJob(out=str(tmp_path / "c"), allocations="layerif,depth", units=str(tmp_path / "units"),
+                            **args)
+    third.run()
+    recomputed = {key for key in third.store.computed if not key.startswith("mask-")}
+    assert recomputed == {"select-layerif-e0.1", "select-layerif-e0.3", "test-layerif-c0-r0"}
+    assert "test-depth-c0-r0" not in third.store.computed
