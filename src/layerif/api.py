@@ -20,25 +20,7 @@ from layerif.gradients.plan import PlanInputs, make_plan
 from layerif.influence.engine import InfluenceResult, ScoringJob, compute_influence, layer_unit
 from layerif.models.blocks import select_matrices
 from layerif.scores import LayerScores
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_bytes(text: str | int | float | None) -> int | None:
-    """'4GiB', '512MB', '2g' or a number of bytes -> bytes (None stays None)."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else int(text)
-    cleaned = text.strip().lower().replace(" ", "")
-    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = cleaned[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in _UNITS or value <= 0:
-        raise LayerIFError(f"cannot read memory size {text!r}; write e.g. 4GiB, 512MB or a number of bytes")
-    return int(value * _UNITS[unit])
+from layerif.sizes import parse_bytes
 
 
 def _texts(rows, what: str) -> list[str]:
@@ -140,13 +122,14 @@ def _scoring_model(model: nn.Module, config: ScoreConfig, all_train_batches, tim
     """The model as scored (LoRA-wrapped and fine-tuned in lora space), in eval mode; restored afterwards."""
     wrapped = None
     if config.params == "lora":
-        from layerif.gradients.lora import attach_lora, finetune_lora
+        from layerif.gradients.lora import Finetuning, attach_lora, finetune_lora
 
         started = time.perf_counter()
         wrapped = attach_lora(model, config.modules, config.lora_rank, config.lora_alpha, config.seed)
         if config.finetune_epochs > 0:
             # every rank fine-tunes on all samples with the same seed, so the adapters stay identical
-            finetune_lora(wrapped, all_train_batches, config, resolve_loss(config.loss))
+            settings = Finetuning(config.finetune_epochs, config.finetune_lr, config.seed, config.quiet)
+            finetune_lora(wrapped, all_train_batches, settings, resolve_loss(config.loss))
         timings["finetune_s"] = time.perf_counter() - started
     scored = wrapped if wrapped is not None else model
     was_training = scored.training

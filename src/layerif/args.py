@@ -38,7 +38,7 @@ def _registered_strategies() -> tuple[str, ...]:
 
 
 def _check_memory(value: object) -> None:
-    from layerif.api import parse_bytes
+    from layerif.sizes import parse_bytes
 
     parse_bytes(value)
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from layerif.errors import LayerIFError
 from layerif.io import atomic_save_tensors, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 FORMAT = "layerif.checkpoint/1"
@@ -48,8 +51,6 @@ class Checkpoint:
 
     def open(self, overwrite: bool = False) -> Checkpoint:
         """Start fresh or pick up an existing checkpoint made with the same fingerprint."""
-        from layerif.outdir import discard_checkpoint
-
         manifest_path = self.directory / MANIFEST
         if self.directory.is_symlink() or (self.directory.exists() and not self.directory.is_dir()):
             raise LayerIFError(f"checkpoint folder {self.directory} is a link or not a folder; move it away")
@@ -167,3 +168,20 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
         found += sorted(directory.glob("layer-*.safetensors")) + sorted(directory.glob("stream-*.safetensors"))
         found += sorted(directory.glob("compare-*.safetensors"))
     return found
+
+
+def discard_checkpoint(path: Path) -> None:
+    """Delete our checkpoint files in `path` (never a user's file there), and the folder when it is then empty."""
+    if not path.is_dir() or path.is_symlink():
+        return
+    for entry in checkpoint_files(path):
+        if entry.is_symlink() or not entry.exists():
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # something else is in it: not ours to delete

@@ -22,6 +22,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from layerif.checkpoint import discard_checkpoint, is_our_checkpoint
+from layerif.checkpoint import has_units as checkpoint_has_units
 from layerif.errors import LayerIFError
 
 MANIFEST = ".layerif.json"
@@ -84,8 +86,6 @@ def _write_manifest(folder: Path, files: dict[str, str]) -> None:
 
 def checkpoint_is_ours(path: Path) -> bool:
     """True when `path` is a real folder that is empty or holds a checkpoint manifest we wrote."""
-    from layerif.checkpoint import is_our_checkpoint
-
     if not _real_dir(path):
         return False
     return not any(path.iterdir()) or is_our_checkpoint(path)
@@ -102,25 +102,6 @@ def _remove_ours(folder: Path, names: Iterable[str]) -> None:
                 discard_checkpoint(entry)
             continue  # we write no other folders: one here is not ours
         entry.unlink()
-
-
-def discard_checkpoint(path: Path) -> None:
-    """Delete our checkpoint files in `path` (never a user's file there), and the folder when it is then empty."""
-    from layerif.checkpoint import checkpoint_files
-
-    if not _real_dir(path):
-        return
-    for entry in checkpoint_files(path):
-        if entry.is_symlink() or not entry.exists():
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-    try:
-        path.rmdir()
-    except OSError:
-        pass  # something else is in it: not ours to delete
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -295,8 +276,6 @@ class OutputFolder:
         checkpoint = self.checkpoint_dir
         has_units = False
         if self.uses_checkpoint and checkpoint_is_ours(checkpoint):
-            from layerif.checkpoint import has_units as checkpoint_has_units
-
             has_units = checkpoint_has_units(checkpoint)
         if issubclass(exc_type, KeyboardInterrupt) and has_units:  # Ctrl-C / SIGTERM: keep what resumes
             last_interrupted.update(kept=str(checkpoint))

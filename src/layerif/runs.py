@@ -67,8 +67,8 @@ def output_folder(run: ScoreRun) -> OutputFolder:
 
 def validate(run: ScoreRun) -> OutputFolder:
     """Check every argument that can be checked before loading data or the model; the checked --out folder."""
-    from layerif.api import parse_bytes
     from layerif.models.load import check_device, check_model_source, resolve_dtype
+    from layerif.sizes import parse_bytes
 
     run.config.validate()
     config = run.config

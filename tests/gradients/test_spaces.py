@@ -88,7 +88,7 @@ def test_lora_finetuning_trains_on_the_scoring_loss():
 
     from layerif.data.loading import row_text
     from layerif.data.tokens import answer_loss, encode_answers, make_batches, token_loss
-    from layerif.gradients.lora import attach_lora, finetune_lora
+    from layerif.gradients.lora import Finetuning, attach_lora, finetune_lora
     from tests.helpers import instruction_rows
 
     tok = TinyTokenizer()
@@ -103,8 +103,8 @@ def test_lora_finetuning_trains_on_the_scoring_loss():
 
     def finetune(loss_fn, data):
         wrapped = attach_lora(tiny_llama(layers=2, seed=61), "all", 4, 8, seed=0)
-        config = ScoreConfig(finetune_epochs=2, finetune_lr=1e-2, seed=0, quiet=True)
-        losses = finetune_lora(wrapped, data, config, loss_fn=loss_fn)
+        settings = Finetuning(epochs=2, lr=1e-2, seed=0, quiet=True)
+        losses = finetune_lora(wrapped, data, settings, loss_fn=loss_fn)
         return losses, {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
 
     answer_losses, answer_weights = finetune(answer_loss, batches)

@@ -49,6 +49,18 @@ class Arm:
         """The token as a file-name part."""
         return self.token.replace(":", ".").replace("@", "+")
 
+    def select_key(self, epsilon: float) -> str:
+        """Unit name of this allocation's validation run at `epsilon`."""
+        return f"select-{self.key}-e{epsilon:g}"
+
+    def mask_key(self, epsilon: float | None) -> str:
+        """Unit name of the pruning mask this allocation's validation run saved for reuse."""
+        return f"mask-{self.key}-e{epsilon:g}"
+
+    def test_key(self, calib_seed: int, place_seed: int) -> str:
+        """Unit name of one test run."""
+        return f"test-{self.key}-c{calib_seed}-r{place_seed}"
+
 
 def parse_arms(allocations: str, default_score: str, labels: set[str]) -> list[Arm]:
     """Allocation tokens (comma-separated) -> arms; one clear error for a bad name."""
@@ -228,8 +240,8 @@ class ComparePruneJob:
             source = self.epsilon_source(arm)
             if source is not None and source.token not in swept:
                 swept.add(source.token)
-                units += [(select_key(source, eps), self._select_thunk(source, eps), source) for eps in self.epsilons]
-            units += [(test_key(arm, calib_seed, place_seed), self._test_thunk(arm, calib_seed, place_seed), arm)
+                units += [(source.select_key(eps), self._select_thunk(source, eps), source) for eps in self.epsilons]
+            units += [(arm.test_key(calib_seed, place_seed), self._test_thunk(arm, calib_seed, place_seed), arm)
                       for calib_seed, place_seed in self.runs_of(arm)]
         if self.dense:
             units.append(("dense", self._dense_unit, None))
@@ -397,8 +409,8 @@ class ComparePruneJob:
             plan, measured, _ = self._prune(arm, epsilon, 0, 0)
             pruned = time.perf_counter()
             if self.method in ZERO_ONLY:  # the seed-0 test run of the chosen ε reuses this prune
-                self.store.drop(mask_key(arm, epsilon))  # a mask left by a prune on other scores
-                self.store.run(mask_key(arm, epsilon), lambda: ({"kind": "mask"}, _mask_of(self._matrices())))
+                self.store.drop(arm.mask_key(epsilon))  # a mask left by a prune on other scores
+                self.store.run(arm.mask_key(epsilon), lambda: ({"kind": "mask"}, _mask_of(self._matrices())))
             nll = self._nll(self._valid)
             return ({"kind": "select", **self.scores_digest(arm), "allocation": arm.token, "epsilon": epsilon,
                      "calib_seed": 0, "place_seed": 0,
@@ -415,7 +427,7 @@ class ComparePruneJob:
         if source is None:
             return None
         sweep = {eps: saved[0]["valid_log_ppl"] for eps in self.epsilons
-                 if (saved := self.current(source, select_key(source, eps))) is not None}
+                 if (saved := self.current(source, source.select_key(eps))) is not None}
         if len(sweep) < len(self.epsilons):
             return None
         return min(sweep, key=sweep.get)
@@ -433,7 +445,7 @@ class ComparePruneJob:
             source = self.epsilon_source(arm)
             epsilon = self.chosen_epsilon(arm)
             reuse = source is not None and source == arm and calib_seed == 0 and place_seed == 0
-            mask = mask_key(arm, epsilon) if reuse and self.method in ZERO_ONLY else None
+            mask = arm.mask_key(epsilon) if reuse and self.method in ZERO_ONLY else None
             started = time.perf_counter()
             plan, measured, reused = self._prune(arm, epsilon, calib_seed, place_seed, mask)
             pruned = time.perf_counter()
@@ -441,7 +453,7 @@ class ComparePruneJob:
             evaluated = time.perf_counter()
             if source == arm and calib_seed == 0 and self.method in ZERO_ONLY:
                 for eps in self.epsilons:  # masks are only kept for this reuse
-                    self.store.drop(mask_key(arm, eps))
+                    self.store.drop(arm.mask_key(eps))
             return ({"kind": "test", **self.scores_digest(arm), "allocation": arm.token, "epsilon": epsilon, "calib_seed": calib_seed,
                      "place_seed": place_seed, "block_ratios": plan.block_ratios.tolist(),
                      "clipped": list(plan.clipped), "measured_sparsity": measured, "mask_reused": reused,
@@ -449,18 +461,6 @@ class ComparePruneJob:
                     {"test_nll": nll})
 
         return compute
-
-
-def select_key(arm: Arm, epsilon: float) -> str:
-    return f"select-{arm.key}-e{epsilon:g}"
-
-
-def mask_key(arm: Arm, epsilon: float | None) -> str:
-    return f"mask-{arm.key}-e{epsilon:g}"
-
-
-def test_key(arm: Arm, calib_seed: int, place_seed: int) -> str:
-    return f"test-{arm.key}-c{calib_seed}-r{place_seed}"
 
 
 def _first_windows(ids: torch.Tensor, n_windows: int, length: int, flag: str) -> torch.Tensor:

@@ -71,8 +71,6 @@ def _log_ppl(nll: np.ndarray, length: int) -> float:
 
 def collect(job) -> CompareResult:
     """The result from whatever units of `job` have finished (every number final for what it shows)."""
-    from layerif.compare.prune import select_key, test_key
-
     store, length = job.store, job.window_length
     seconds = 0.0
     arms, runs, windows = [], [], {}
@@ -81,7 +79,7 @@ def collect(job) -> CompareResult:
         sweep = {}
         if source is not None:
             for eps in job.epsilons:
-                if (saved := job.current(source, select_key(source, eps))) is not None:
+                if (saved := job.current(source, source.select_key(eps))) is not None:
                     sweep[f"{eps:g}"] = math.exp(saved[0]["valid_log_ppl"])
                     seconds += saved[0]["seconds"] if source == arm else 0.0
         epsilon = job.chosen_epsilon(arm)
@@ -90,7 +88,7 @@ def collect(job) -> CompareResult:
                      "epsilon": epsilon, "epsilon_from": None if source is None else source.token,
                      "valid_ppl": sweep.get(f"{epsilon:g}") if epsilon is not None else None, "sweep": sweep})
         for calib_seed, place_seed in job.runs_of(arm):
-            saved = job.current(arm, test_key(arm, calib_seed, place_seed))
+            saved = job.current(arm, arm.test_key(calib_seed, place_seed))
             if saved is None:
                 continue
             record, arrays = saved

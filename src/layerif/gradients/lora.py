@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from layerif.data.tokens import Batch, LossFn, token_loss
 from layerif.models.blocks import select_matrices
-
-if TYPE_CHECKING:
-    from layerif.api import ScoreConfig
 
 
 def attach_lora(model: nn.Module, modules: str, rank: int, alpha: int, seed: int) -> nn.Module:
@@ -31,16 +28,23 @@ def detach_lora(wrapped: nn.Module) -> nn.Module:
     return wrapped.unload()
 
 
-def finetune_lora(
-    wrapped: nn.Module, batches: Sequence[Batch], config: ScoreConfig, loss_fn: LossFn = token_loss
-) -> list[float]:
-    """Brief AdamW fine-tuning of the LoRA weights on the training batches with the scoring loss; losses per step.
+@dataclass(frozen=True)
+class Finetuning:
+    """How long and how fast the LoRA weights are fine-tuned before scoring."""
 
-    `config` gives the epochs (`finetune_epochs`), learning rate (`finetune_lr`), `seed` and `quiet`.
-    """
+    epochs: float
+    lr: float
+    seed: int = 0
+    quiet: bool = False
+
+
+def finetune_lora(
+    wrapped: nn.Module, batches: Sequence[Batch], settings: Finetuning, loss_fn: LossFn = token_loss
+) -> list[float]:
+    """Brief AdamW fine-tuning of the LoRA weights on the training batches with the scoring loss; losses per step."""
     from tqdm.auto import tqdm
 
-    epochs, lr, seed, quiet = config.finetune_epochs, config.finetune_lr, config.seed, config.quiet
+    epochs, lr, seed, quiet = settings.epochs, settings.lr, settings.seed, settings.quiet
 
     generator = torch.Generator().manual_seed(seed)
     device = next(wrapped.parameters()).device

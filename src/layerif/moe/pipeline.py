@@ -115,7 +115,7 @@ class MoETrainJob:
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise LayerIFError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         if self.max_memory is not None:
-            from layerif.api import parse_bytes
+            from layerif.sizes import parse_bytes
 
             parse_bytes(self.max_memory)
         MoEConfig(counts=[1], top_k=[1], rank=self.rank, alpha=self.alpha, dropout=self.dropout,

@@ -101,7 +101,7 @@ def activation_bytes_per_token(model: nn.Module, item: dict, pad_id: int) -> flo
 def memory_budget(max_memory: int | str | None) -> int:
     """Activation budget in bytes: the given size, or half of the memory available now."""
     if max_memory is not None:
-        from layerif.api import parse_bytes
+        from layerif.sizes import parse_bytes
 
         return int(parse_bytes(max_memory))
     import psutil
