@@ -50,7 +50,7 @@ STAGES = (
     ("compare",),
     ("report", "export"),
     ("runs", "stability"),
-    ("cli", "__main__", "__init__"),
+    ("cli", "options", "__main__", "__init__"),
 )
 BENCH = PACKAGE.parents[1] / "bench"
 

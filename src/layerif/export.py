@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,50 @@ def write_sparsity(ratios_path: str | Path, fmt: str, out: str | Path, blocks_pa
     if fmt not in SPARSITY_FORMATS:
         raise LayerIFError(f"--format must be one of {', '.join(SPARSITY_FORMATS)}, got {fmt!r}")
     return atomic_write_text(out, format_sparsity(sparsity_map(ratios_path, blocks_path), fmt))
+
+
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    if Path(out).is_dir():
+        raise LayerIFError(f"--out {out} is a directory; give a file name")
+    if Path(out).exists() and not overwrite:
+        raise LayerIFError(f"--out {out} already exists; pass --overwrite to replace it")
+
+
+@dataclass
+class PeftExportJob:
+    """Everything `layerif export peft` needs."""
+
+    scores: str
+    total_rank: int
+    out: str
+    beta: float = 2.5
+    score: str = "S_pos"
+    alpha_ratio: float = 2.0
+    dropout: float = 0.05
+    blocks_path: str | None = None
+    overwrite: bool = False
+
+    def run(self) -> tuple[np.ndarray, Path]:
+        """Write the LoraConfig JSON; the per-block ranks and the path written."""
+        _refuse_existing(self.out, self.overwrite)
+        loaded = LayerScores.load(self.scores)
+        blocks_path = self.blocks_path or recorded_blocks_path(self.scores)
+        config = peft_lora_config(loaded, self.total_rank, self.beta, self.score, self.alpha_ratio, self.dropout,
+                                  blocks_path)
+        return lora_ranks(loaded, self.total_rank, self.beta, self.score), write_peft_config(config, self.out)
+
+
+@dataclass
+class SparsityExportJob:
+    """Everything `layerif export sparsity` needs."""
+
+    ratios: str
+    out: str
+    fmt: str = "yaml"
+    blocks_path: str | None = None
+    overwrite: bool = False
+
+    def run(self) -> Path:
+        """Write the per-module sparsity file; the path written."""
+        _refuse_existing(self.out, self.overwrite)
+        return write_sparsity(self.ratios, self.fmt, self.out, self.blocks_path)
