@@ -67,6 +67,7 @@ OPTIONS: dict[str, Option] = {
     "beta": Option("Exponent beta > 0 applied to the scores (or PL_Alpha_Hill)."),
     "top_k": Option("Experts per token: min(k, n_l) per layer (default k = 2)."),
     "split": Option("Split of a datasets dataset."),
+    "trust_remote_code": Option("Run Python code shipped in the model folder (auto_map); off unless you trust it."),
     "gguf_file": Option("GGUF file name inside --model's directory."),
     "trust_remote_code": Option("Run Python code shipped in the model folder (auto_map); off unless given."),
     "train_split": Option("Split of a datasets dataset for --train."),
