@@ -28,6 +28,10 @@ from pathlib import Path
 
 import torch
 
+from layerif.api import ScoreConfig, score_layers
+from layerif.data.tokens import per_sample_loss as row_losses  # per-row mean next-token cross-entropy
+from layerif.io import atomic_write_text
+
 ESTIMATORS = ("datainf", "exact", "identity", "lissa", "ekfac")
 BOS, SEP = 2, 3
 FIRST_SYMBOL = 4
@@ -98,13 +102,6 @@ def make_data(config: GroundTruthConfig):
     return sample, train, corrupted, val
 
 
-def row_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Per-row mean next-token cross-entropy (every row is full length: no padding)."""
-    from layerif.data.tokens import per_sample_loss
-
-    return per_sample_loss(logits, ids)
-
-
 def pretrain(model, sample, config: GroundTruthConfig) -> float:
     """Adam on fresh clean rows until the task is fit; returns the final loss on the output tokens."""
     optimiser = torch.optim.Adam(model.parameters(), lr=config.pretrain_lr)
@@ -126,13 +123,10 @@ def pretrain(model, sample, config: GroundTruthConfig) -> float:
 
 def converge_block(model, layer: int, train: torch.Tensor, config: GroundTruthConfig) -> float:
     """Fit block `layer` alone to the whole training set (full-batch Adam); returns the final training loss."""
-    block = [p for name, p in model.named_parameters() if name.startswith(f"model.layers.{layer}.")]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in block:
-        p.requires_grad_(True)
-    optimiser = torch.optim.Adam(block, lr=config.converge_lr)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(f"model.layers.{layer}."))
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.converge_lr)
     for _ in range(config.converge_steps):
         loss = row_losses(model(input_ids=train, use_cache=False).logits, train).mean()
         optimiser.zero_grad()
@@ -155,17 +149,15 @@ def retrain_block(model, layer: int, train: torch.Tensor, val: torch.Tensor, wei
     groups = weights.shape[0]
     params = {name: p.unsqueeze(0).repeat(groups, *[1] * p.dim()).clone() for name, p in block.items()}
 
-    def train_loss(block_params, row_weights):
-        logits = functional_call(model, {**frozen, **block_params}, (train,), {"use_cache": False}).logits
-        return (row_losses(logits, train) * row_weights).sum() / row_weights.sum()
+    def losses(block_params, ids):
+        logits = functional_call(model, {**frozen, **block_params}, (ids,), {"use_cache": False}).logits
+        return row_losses(logits, ids)
 
-    def val_losses(block_params):
-        logits = functional_call(model, {**frozen, **block_params}, (val,), {"use_cache": False}).logits
-        return row_losses(logits, val)
+    def train_loss(block_params, row_weights):
+        return (losses(block_params, train) * row_weights).sum() / row_weights.sum()
 
     gradient = vmap(grad(train_loss))
-    first = {name: torch.zeros_like(p) for name, p in params.items()}
-    second = {name: torch.zeros_like(p) for name, p in params.items()}
+    first, second = ({name: torch.zeros_like(p) for name, p in params.items()} for _ in range(2))
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, config.steps + 1):  # written out so that it runs on the stacked copies
         grads = gradient(params, weights)
@@ -178,7 +170,7 @@ def retrain_block(model, layer: int, train: torch.Tensor, val: torch.Tensor, wei
             update = (first[name] / (1 - beta1**step)) / ((second[name] / (1 - beta2**step)).sqrt() + eps)
             params[name] = params[name] - config.lr * update
     with torch.no_grad():
-        return vmap(val_losses)(params)
+        return vmap(losses, in_dims=(0, None))(params, val)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -191,8 +183,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(config: GroundTruthConfig, quiet: bool = True) -> dict:
     """Train, score with every estimator, retrain every block per group; correlations and timings."""
-    from layerif.api import ScoreConfig, score_layers
-
     started = time.perf_counter()
     model = tiny_llama(config)
     sample, train, corrupted, val = make_data(config)
@@ -202,13 +192,11 @@ def run(config: GroundTruthConfig, quiet: bool = True) -> dict:
     generator = torch.Generator().manual_seed(config.seed + 1)
     removed = max(1, round(config.group_fraction * config.n_train))
     keys = torch.rand(config.groups, config.n_train, generator=generator).argsort(1)[:, :removed]
-    in_group = torch.zeros(config.groups, config.n_train)
-    in_group.scatter_(1, keys, 1.0)
+    in_group = torch.zeros(config.groups, config.n_train).scatter_(1, keys, 1.0)
     weights = torch.cat([torch.ones(1, config.n_train), 1.0 - in_group])  # row 0: nothing removed
 
     per_block, profiles = [], {estimator: [] for estimator in config.estimators}
-    timings.update({f"score_{estimator}_s": 0.0 for estimator in config.estimators})
-    timings["retrain_s"] = 0.0
+    timings.update({f"score_{estimator}_s": 0.0 for estimator in config.estimators}, retrain_s=0.0)
     for layer in range(config.layers):
         start_model = model
         if config.converge_steps:
@@ -243,12 +231,11 @@ def run(config: GroundTruthConfig, quiet: bool = True) -> dict:
     summary = {estimator: {"mean_spearman": sum(b[estimator] for b in per_block) / len(per_block),
                            "lds": sum(b[f"{estimator}_lds"] for b in per_block) / len(per_block)}
                for estimator in config.estimators}
-    layer_profiles = profiles
     actual_profile = [b["actual_std"] for b in per_block]
     return {"config": asdict(config), "accuracy_after_pretraining": accuracy, "per_block": per_block,
-            "summary": summary, "s_pos": layer_profiles, "actual_std_per_block": actual_profile,
+            "summary": summary, "s_pos": profiles, "actual_std_per_block": actual_profile,
             "profile_spearman_vs_actual_std": {e: spearman(torch.tensor(p), torch.tensor(actual_profile))
-                                               for e, p in layer_profiles.items()},
+                                               for e, p in profiles.items()},
             "timings": timings}
 
 
@@ -257,10 +244,8 @@ def to_markdown(result: dict, command: str) -> str:
     config = result["config"]
     estimators = list(result["summary"])
     lines = [
-        "# Ground truth: layer-restricted leave-group-out retraining",
-        "",
-        f"Command: `{command}`",
-        "",
+        "# Ground truth: layer-restricted leave-group-out retraining\n",
+        f"Command: `{command}`\n",
         f"Tiny Llama ({config['layers']} blocks, hidden {config['hidden']}, vocab {config['vocab']}) pretrained "
         f"{config['pretrain_steps']} Adam steps on clean mapping rows (output-token accuracy after pretraining "
         f"{result['accuracy_after_pretraining']:.3f}). Scored: {config['n_train']} training rows "
@@ -268,12 +253,9 @@ def to_markdown(result: dict, command: str) -> str:
         f"Per block: block l alone first fitted to the whole training set ({config['converge_steps']} full-batch Adam "
         f"steps, lr {config['converge_lr']}; every estimator scores that model), then {config['groups']} random groups "
         f"of {config['group_fraction']:.0%} of the rows; from there block l alone fine-tuned "
-        f"{config['steps']} full-batch {config['optimiser']} steps (lr {config['lr']}) with and without each group.",
-        "",
-        "Predicted change of the validation loss on removing a group = sum of the group's q (q = -I).",
-        "",
-        "## Spearman(predicted, actual) per block, summed validation loss",
-        "",
+        f"{config['steps']} full-batch {config['optimiser']} steps (lr {config['lr']}) with and without each group.\n",
+        "Predicted change of the validation loss on removing a group = sum of the group's q (q = -I).\n",
+        "## Spearman(predicted, actual) per block, summed validation loss\n",
         "| block | " + " | ".join(estimators) + " | #corrupted removed | actual std |",
         "|---|" + "---|" * (len(estimators) + 2),
     ]
@@ -295,27 +277,19 @@ def to_markdown(result: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--groups", type=int, default=GroundTruthConfig.groups)
-    parser.add_argument("--steps", type=int, default=GroundTruthConfig.steps)
-    parser.add_argument("--n-train", type=int, default=GroundTruthConfig.n_train)
-    parser.add_argument("--n-val", type=int, default=GroundTruthConfig.n_val)
-    parser.add_argument("--layers", type=int, default=GroundTruthConfig.layers)
+    sizes = ("groups", "steps", "n_train", "n_val", "layers", "converge_steps", "lr", "seed")
+    for name in sizes:
+        default = getattr(GroundTruthConfig, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--optimiser", choices=("sgd", "adam"), default=GroundTruthConfig.optimiser)
-    parser.add_argument("--converge-steps", type=int, default=GroundTruthConfig.converge_steps)
-    parser.add_argument("--lr", type=float, default=GroundTruthConfig.lr)
-    parser.add_argument("--seed", type=int, default=GroundTruthConfig.seed)
     parser.add_argument("--estimators", default=",".join(ESTIMATORS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ground_truth.md"))
     args = parser.parse_args(argv)
-    config = GroundTruthConfig(groups=args.groups, steps=args.steps, n_train=args.n_train, n_val=args.n_val,
-                               layers=args.layers, seed=args.seed, optimiser=args.optimiser, lr=args.lr,
-                               converge_steps=args.converge_steps, estimators=tuple(args.estimators.split(",")))
+    config = GroundTruthConfig(**{name: getattr(args, name) for name in sizes}, optimiser=args.optimiser,
+                               estimators=tuple(args.estimators.split(",")))
     result = run(config)
     command = "python bench/ground_truth.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = to_markdown(result, command.strip())
-    from layerif.io import atomic_write_text
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(args.out), text)
     print(text)
     return 0
