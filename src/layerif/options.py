@@ -69,7 +69,6 @@ OPTIONS: dict[str, Option] = {
     "split": Option("Split of a datasets dataset."),
     "trust_remote_code": Option("Run Python code shipped in the model folder (auto_map); off unless you trust it."),
     "gguf_file": Option("GGUF file name inside --model's directory."),
-    "trust_remote_code": Option("Run Python code shipped in the model folder (auto_map); off unless given."),
     "train_split": Option("Split of a datasets dataset for --train."),
     "val_split": Option("Split of a datasets dataset for --val."),
     "train": Option("Training data: JSONL/JSON/CSV file, or dataset name with --train-split."),
