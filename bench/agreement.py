@@ -6,7 +6,7 @@ For each task, every estimator scores the same first --n-train training and --n-
 each estimator's time. LiSSA's convergence (relative change of G h over its last tenth of steps, worst
 matrix) is listed too.
 
-By default all estimators score one gradient capture (`--shared-capture`, the default): one spill-to-disk
+By default all estimators score one gradient capture (`layerif score --estimator a,b,...`): one spill-to-disk
 pass, then every matrix's factors go through each estimator in turn, each estimator's step timed on its own.
 A user's `layerif score --estimator X` costs about the capture plus X's step. `--separate-runs` makes one
 full scoring run per estimator instead (what the first reduced-size table used).
@@ -18,10 +18,8 @@ full scoring run per estimator instead (what the first reduced-size table used).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -39,70 +37,25 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(value) if value == value else 0.0
 
 
-class _Recorder:
-    """Each estimator's influence and step time per matrix, filled while one capture is scored."""
-
-    def __init__(self, estimators: list[str]):
-        self.estimators = estimators
-        self.influence: dict[str, dict[tuple[int, str], torch.Tensor]] = defaultdict(dict)
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.info: dict[str, dict[str, dict]] = defaultdict(dict)
-
-
-@contextlib.contextmanager
-def _every_estimator_per_matrix(recorder: _Recorder):
-    """Make the engine's per-matrix step run every estimator of `recorder` on the same factors.
-
-    The run's own estimator (the first) is what the engine keeps; the others are recorded beside it. This
-    patches `Strategy.score_matrix` for the duration of one benchmark run only.
-    """
-    from layerif.influence import engine
-    from layerif.influence.estimators import influence_from_factors
-
-    original = engine.Strategy.score_matrix
-
-    def score_matrix(self, ref, inputs):
-        for name in recorder.estimators:
-            started = time.perf_counter()
-            result = influence_from_factors(name, inputs, self.ctx, self.job.estimator_options)
-            recorder.seconds[name] += time.perf_counter() - started
-            recorder.influence[name][(ref.layer, ref.name)] = result.values.double().cpu()
-            if result.info:
-                recorder.info[name][f"{ref.layer}.{ref.name}"] = result.info
-            if name == self.job.estimator:
-                self.sink.put(ref, result)
-
-    engine.Strategy.score_matrix = score_matrix
-    try:
-        yield
-    finally:
-        engine.Strategy.score_matrix = original
-
-
 def _worst_change(info: dict) -> float | None:
     return max((entry.get("relative_change", 0.0) for entry in info.values()), default=None)
 
 
 def shared_capture_scores(model, tokenizer, train: list, val: list, estimators: list[str], settings: dict) -> dict:
-    """Every estimator on one spilled gradient capture: q per estimator, step times, LiSSA's convergence."""
+    """Every estimator on one spilled gradient capture (`--estimator a,b,...`): q, step times, LiSSA's convergence."""
     from layerif.api import ScoreConfig, score_layers
 
-    recorder = _Recorder(estimators)
     started = time.perf_counter()
-    with _every_estimator_per_matrix(recorder):
-        scores = score_layers(model, tokenizer, train, val,
-                              ScoreConfig(estimator=estimators[0], strategy="spill", quiet=True, **settings))
+    result = score_layers(model, tokenizer, train, val,
+                          ScoreConfig(estimator=",".join(estimators), strategy="spill", quiet=True, **settings))
     run_seconds = time.perf_counter() - started
-    capture = run_seconds - sum(recorder.seconds.values())
-    out = {}
-    for name in estimators:
-        by_matrix = recorder.influence[name]
-        q = torch.stack([-sum(value for (layer, _), value in by_matrix.items() if layer == number)
-                         for number in range(scores.q.shape[0])])
-        out[name] = {"q": q, "seconds": capture + recorder.seconds[name], "influence_s": recorder.seconds[name],
-                     "plan": scores.metadata["plan"]["mode"], "lissa_worst_change": _worst_change(recorder.info[name])}
-    # the engine's own assembly of the run's estimator must equal what was recorded for it
-    torch.testing.assert_close(out[estimators[0]]["q"].float(), scores.q.float())
+    by_estimator = result if isinstance(result, dict) else {estimators[0]: result}
+    steps = {name: scores.metadata["estimator_s"] for name, scores in by_estimator.items()}
+    capture = run_seconds - sum(steps.values())
+    out = {name: {"q": scores.q.double(), "seconds": capture + steps[name], "influence_s": steps[name],
+                  "plan": scores.metadata["plan"]["mode"],
+                  "lissa_worst_change": _worst_change(scores.metadata.get("estimator_info") or {})}
+           for name, scores in by_estimator.items()}
     return {"estimators": out, "run_seconds": run_seconds, "capture_seconds": capture}
 
 
@@ -188,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "agreement.md"))
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-agreement"),
                         help="each finished task's q per estimator is saved here; a rerun reuses it")
-    parser.add_argument("--lissa-depth", type=int, default=None, help="LiSSA steps per matrix (default: the engine's 200)")
+    parser.add_argument("--lissa-depth", type=int, default=None,
+                        help="most LiSSA steps per matrix (default: the engine's, with its convergence tolerance)")
     parser.add_argument("--separate-runs", action="store_true",
                         help="one full scoring run per estimator instead of one shared gradient capture")
     args = parser.parse_args(argv)
@@ -213,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (args.n_train, args.n_val)
     work = Path(args.work)
     for task in tasks:
-        saved = work / f"{task}-{args.n_train}x{args.n_val}-{'-'.join(estimators)}-lissa{args.lissa_depth or 200}.pt"
+        saved = work / f"{task}-{args.n_train}x{args.n_val}-{'-'.join(estimators)}-lissa{args.lissa_depth or 'default'}.pt"
         if saved.is_file():
             results = torch.load(saved)
             print(f"  {task}: reusing {saved}", flush=True)

@@ -20,7 +20,7 @@ from layerif.errors import LayerIFError
 
 # options of `layerif score` that describe where the run reads and writes, not how it scores
 RUN_OPTIONS = {"model", "train", "val", "out", "gguf_file", "train_split", "val_split", "spill_dir", "dtype",
-               "device", "device_map", "overwrite", "help"}
+               "device", "device_map", "overwrite", "trust_remote_code", "help"}
 FLAGS_BEFORE_GROUPS = {  # `layerif score --help` before the argument groups; every one must stay
     "--model", "--train", "--val", "--out", "--gguf-file", "--train-split", "--val-split", "--n-train", "--n-val",
     "--sample-seed", "--max-length", "--params", "--modules", "--estimator", "--batch-size", "--max-memory",
@@ -159,3 +159,24 @@ def test_stability_shares_the_scoring_options():
             continue
         assert stability[spec.name].opts == [flag_of(spec)] and stability[spec.name].default == cli_default_of(spec)
     assert stability["n_train"].required and stability["n_val"].required and "sample_seed" not in stability
+
+
+def test_lissa_and_estimator_list_options_reach_the_config(monkeypatch, capsys):
+    import layerif.runs
+    from tests.helpers import run_cli
+
+    seen = {}
+
+    def capture(run):
+        seen["config"] = run.config
+        raise LayerIFError("captured")
+
+    monkeypatch.setattr(layerif.runs, "run_score", capture)
+    code = run_cli("score", "--model", "m", "--train", "t", "--val", "v", "--out", "o", "--estimator", "lissa,exact",
+                   "--lissa-tol", "0.01", "--lissa-batch", "8", "--lissa-repeats", "3", "--lissa-depth", "50")
+    assert code == 2 and "captured" in capsys.readouterr().err
+    config = seen["config"]
+    assert config.estimators == ["lissa", "exact"]
+    assert (config.lissa_tol, config.lissa_batch, config.lissa_repeats, config.lissa_depth) == (0.01, 8, 3, 50)
+    with pytest.raises(LayerIFError, match="--lissa-tol must be >= 0"):
+        ScoreConfig(lissa_tol=-1.0).validate()

@@ -122,3 +122,43 @@ def test_token_id_rows_equal_text_rows():
     as_ids = score_layers(tiny_llama(layers=2), None, [torch.tensor(tok._encode(t)) for t in train],
                           [tok._encode(t) for t in val], ScoreConfig(quiet=True)).q
     torch.testing.assert_close(as_ids, as_text)
+
+
+def test_unconverged_lissa_says_so_in_one_line_and_in_run_json(setup, capsys):
+    out = setup / "lissa5"
+    assert run_cli(*score_args(setup, out, "--estimator", "lissa", "--lissa-depth", "5")) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "did not converge" in line]
+    assert len(lines) == 1 and "on 21 of 21 matrices" in lines[0] and "--lissa-depth 5" in lines[0]
+    convergence = json.loads((out / "run.json").read_text())["convergence"]
+    assert convergence["not_converged"] == 21 and convergence["worst_change"] > convergence["tol"] > 0
+    converged = setup / "lissa-default"
+    assert run_cli(*score_args(setup, converged, "--estimator", "lissa")) == 0
+    assert "did not converge" not in capsys.readouterr().err
+    assert json.loads((converged / "run.json").read_text())["convergence"]["not_converged"] == 0
+
+
+def test_several_estimators_write_one_table_each_and_their_agreement(setup, capsys):
+    out = setup / "several"
+    assert run_cli(*score_args(setup, out, "--estimator", "datainf,identity,exact")) == 0
+    record = json.loads((out / "run.json").read_text())
+    names = ["datainf", "identity", "exact"]
+    assert record["estimators"] == names
+    written = {p.name for p in out.iterdir() if p.name != ".layerif.json"}
+    assert written == set(record["outputs"]) and {f"layer_scores.{name}.csv" for name in names} <= written
+    assert [(pair["a"], pair["b"]) for pair in record["agreement"]["pairs"]] == [
+        ("datainf", "identity"), ("datainf", "exact"), ("identity", "exact")]
+    assert (out / "layer_scores.csv").read_text() == (out / "layer_scores.datainf.csv").read_text()
+    for name in names:
+        alone = setup / f"alone-{name}"
+        assert run_cli(*score_args(setup, alone, "--estimator", name)) == 0
+        want = LayerScores.load(alone).q
+        torch.testing.assert_close(LayerScores.load(out, name).q, want, rtol=0, atol=1e-6 * want.abs().max().item())
+
+
+def test_a_bad_name_in_the_estimator_list_exits_2_with_one_line(setup, capsys):
+    out = setup / "bad-list"
+    assert run_cli(*score_args(setup, out, "--estimator", "datainf,tracin")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "unknown estimator 'tracin'" in err
+    assert not out.exists()
+

@@ -1,4 +1,9 @@
-"""Python entry point: `score_layers(model, tokenizer, train, val, config) -> LayerScores`."""
+"""Python entry point: `score_layers(model, tokenizer, train, val, config) -> LayerScores`.
+
+With several estimators (`ScoreConfig(estimator="datainf,identity,exact")`) the gradients are captured once and
+`score_layers` returns a dict of LayerScores by estimator, in the order given; `scores.estimator_agreement`
+compares their profiles.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from layerif.data.tokens import EncodedSet, encode_answers, encode_texts, make_b
 from layerif.errors import LayerIFError
 from layerif.gradients.context import RunContext
 from layerif.gradients.plan import PlanInputs, make_plan
-from layerif.influence.engine import InfluenceResult, ScoringJob, compute_influence, layer_unit
+from layerif.influence.engine import InfluenceResult, ScoringJob, compute_influences, layer_unit
+from layerif.influence.lissa import convergence_summary
 from layerif.models.blocks import select_matrices
 from layerif.scores import LayerScores
 from layerif.sizes import parse_bytes
@@ -207,29 +213,42 @@ def _open_checkpoint(model: nn.Module, config: ScoreConfig, data: _Prepared, dir
 
 
 def _estimator_options(config: ScoreConfig) -> dict:
-    """Estimator settings of a run (LiSSA's depth, scale and seed)."""
-    return {"lissa_depth": getattr(config, "lissa_depth", None), "lissa_scale": getattr(config, "lissa_scale", None),
-            "seed": config.seed}
+    """Estimator settings of a run (LiSSA's depth, tolerance, scale, mini-batch, repeats and seed)."""
+    names = ("lissa_depth", "lissa_tol", "lissa_scale", "lissa_batch", "lissa_repeats")
+    return {**{name: getattr(config, name, None) for name in names}, "seed": config.seed}
+
+
+def _check_estimators(config: ScoreConfig, dist) -> None:
+    """Estimator choices data-parallel scoring cannot serve."""
+    if dist.enabled and (set(config.estimators) - {"datainf", "identity"} or config.pairwise):
+        raise LayerIFError("data-parallel scoring supports datainf and identity without --pairwise; "
+                           f"run {config.estimator}{' with --pairwise' if config.pairwise else ''} in one process")
+
+
+def _done_layers(checkpoint, n_layers: int, names: list[str]) -> frozenset[int]:
+    """Layers every estimator has in the checkpoint (units are per estimator when there are several)."""
+    suffixes = [None] if len(names) == 1 else names
+    return frozenset(layer for layer in range(n_layers) if checkpoint is not None
+                     and all(checkpoint.has(layer_unit(layer, suffix)) for suffix in suffixes))
 
 
 def score_layers(
     model: nn.Module, tokenizer, train, val, config: ScoreConfig | None = None,
     checkpoint_dir: str | None = None, restart: bool = False, spill_dir: str | None = None,
-) -> LayerScores:
+) -> LayerScores | dict[str, LayerScores]:
     """Per-layer LayerIF influence of `train` rows (dicts or strings) on the loss of `val` rows.
 
     With `checkpoint_dir`, finished layers / passes are saved there and a later call with the same
     model, data and config continues from them (`restart=True` discards them). Gradient factors that
     do not fit the memory budget may be spilled under `spill_dir` (default: the temporary directory).
+    One estimator gives one LayerScores; several (a comma list) give a dict by estimator from one capture.
     """
     from layerif import distributed
 
     config = config or ScoreConfig()
     config.validate()
     dist = distributed.current()
-    if dist.enabled and (config.estimator not in ("datainf", "identity") or config.pairwise):
-        raise LayerIFError("data-parallel scoring supports datainf and identity without --pairwise; "
-                           f"run {config.estimator}{' with --pairwise' if config.pairwise else ''} in one process")
+    _check_estimators(config, dist)
     started = time.perf_counter()
     data = _prepare(tokenizer, train, val, config)
     batches_of = data.batches_of(dist)
@@ -237,8 +256,7 @@ def score_layers(
     with _scoring_model(model, config, batches_of(config.batch_size)[0], timings) as scored:
         per_layer = select_matrices(scored, config.modules, config.params)
         checkpoint = _open_checkpoint(scored, config, data, checkpoint_dir, restart, dist)
-        done = frozenset(layer for layer in range(len(per_layer))
-                         if checkpoint is not None and checkpoint.has(layer_unit(layer)))
+        done = _done_layers(checkpoint, len(per_layer), config.estimators)
         plan = make_plan(PlanInputs(scored, per_layer, batches_of, config.estimator, config.pairwise,
                                     config.batch_size, parse_bytes(config.max_memory), config.strategy, done,
                                     spill_dir, dist))
@@ -249,22 +267,25 @@ def score_layers(
         job = ScoringJob(scored, per_layer, train_batches, val_batches, len(data.train_rows), len(data.val_rows),
                          config.estimator, config.pairwise, _estimator_options(config))
         started = time.perf_counter()
-        result = compute_influence(job, plan, ctx, checkpoint)
+        results = compute_influences(job, plan, ctx, checkpoint)
         timings["influence_s"] = time.perf_counter() - started
     metadata = {
-        "config": _config_record(config), "plan": plan.to_dict(), "train_passes": result.train_passes,
+        "config": _config_record(config), "plan": plan.to_dict(),
+        "train_passes": next(iter(results.values())).train_passes,
         "resumed": None if checkpoint is None or not checkpoint.loaded else {
             "units_loaded": checkpoint.loaded, "units_recomputed": checkpoint.recomputed},
         "timings": timings, "world_size": dist.world_size,
     }
     if ctx.device.type == "cuda":
         metadata["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated(ctx.device))
-    scores = _assemble(result, per_layer, data, metadata)
+    by_estimator = {name: _assemble(result, per_layer, data, {**metadata, "estimator": name})
+                    for name, result in results.items()}
     if config.bootstrap:
         started = time.perf_counter()
-        scores.bootstrap(config.bootstrap, config.bootstrap_seed)
+        for scores in by_estimator.values():
+            scores.bootstrap(config.bootstrap, config.bootstrap_seed)
         timings["bootstrap_s"] = time.perf_counter() - started
-    return scores
+    return by_estimator if len(by_estimator) > 1 else by_estimator[config.estimator]
 
 
 def _assemble(result: InfluenceResult, per_layer, data: _Prepared, metadata: dict) -> LayerScores:
@@ -281,6 +302,8 @@ def _assemble(result: InfluenceResult, per_layer, data: _Prepared, metadata: dic
         **metadata,
         "damping": result.damping,
         "estimator_info": result.estimator_info,
+        "estimator_s": result.estimator_s,
+        "convergence": convergence_summary(result.estimator_info),
         "left_out": {"training": {str(k): v for k, v in result.left_out_train.items()},
                      "validation": {str(k): v for k, v in result.left_out_val.items()}},
         "peak_rss_bytes": peak_rss_bytes(),

@@ -23,6 +23,8 @@ from layerif.errors import LayerIFError
 PAPER_N_TRAIN = 300  # training rows scored in the paper (first rows of the split)
 PAPER_N_VAL = 50
 LOSSES = ("tokens", "answer")
+# LiSSA's defaults, repeated from layerif.influence.lissa so that reading the options imports no torch
+LISSA_DEPTH, LISSA_TOL, LISSA_BATCH, LISSA_REPEATS = 2000, 1e-3, 64, 1
 
 
 def _registered_estimators() -> tuple[str, ...]:
@@ -51,16 +53,17 @@ def _positive_or_none(value: float | None) -> None:
 def argument(default: Any, help: str, *, choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
              minimum: float | None = None, flag: str | None = None, cli_default: Any = MISSING,
              cli_type: type | None = None, check: Callable[[Any], None] | None = None,
-             unknown: str | None = None) -> Any:
+             unknown: str | None = None, comma_list: bool = False) -> Any:
     """A dataclass field whose metadata describes its CLI option and its validation.
 
     choices: allowed values (or a function returning them, for registries filled at runtime); minimum: the
     smallest allowed number (None passes); flag: the option name when not `--field-name`; cli_default: the
     CLI's default when it differs from the API's; cli_type: the option's type when the field's is not a CLI
-    type; check: extra validation; unknown: a noun for "unknown <noun> ..." messages instead of "--flag must be".
+    type; check: extra validation; unknown: a noun for "unknown <noun> ..." messages instead of "--flag must be";
+    comma_list: the value may name several choices, comma-separated, each at most once.
     """
     metadata = {"help": help, "choices": choices, "minimum": minimum, "flag": flag, "cli_default": cli_default,
-                "cli_type": cli_type, "check": check, "unknown": unknown}
+                "cli_type": cli_type, "check": check, "unknown": unknown, "comma_list": comma_list}
     return field(default=default, metadata=metadata)
 
 
@@ -94,10 +97,18 @@ class _Arguments:
         for spec in fields(self):  # type: ignore[arg-type]
             value = getattr(self, spec.name)
             choices = choices_of(spec)
-            if choices is not None and not callable(value) and value not in choices:
+            values = [value]
+            if spec.metadata.get("comma_list") and isinstance(value, str):
+                values = value.split(",")
+                repeated = sorted({item for item in values if values.count(item) > 1})
+                if repeated:
+                    raise LayerIFError(f"{flag_of(spec)} names {repeated[0]!r} twice in {value!r}")
+            for item in values if choices is not None and not callable(value) else ():
+                if item in choices:
+                    continue
                 if spec.metadata.get("unknown"):
-                    raise LayerIFError(f"unknown {spec.metadata['unknown']} {value!r}; choose from {', '.join(choices)}")
-                raise LayerIFError(f"{flag_of(spec)} must be {_either(choices)}, got {value!r}")
+                    raise LayerIFError(f"unknown {spec.metadata['unknown']} {item!r}; choose from {', '.join(choices)}")
+                raise LayerIFError(f"{flag_of(spec)} must be {_either(choices)}, got {item!r}")
             minimum = spec.metadata.get("minimum")
             if minimum is not None and value is not None and value < minimum:
                 raise LayerIFError(f"{flag_of(spec)} must be >= {minimum}, got {value}")
@@ -139,17 +150,29 @@ class SpaceArguments(_Arguments):
 class EstimatorArguments(_Arguments):
     """How the inverse Hessian is estimated and what is reported about the scores."""
 
-    estimator: str = argument("datainf", "Inverse-Hessian estimator: {choices}.",
-                              choices=_registered_estimators, unknown="estimator")
+    estimator: str = argument("datainf", "Inverse-Hessian estimator: {choices}; a comma list (e.g. "
+                              "datainf,identity,exact) scores each from one gradient capture.",
+                              choices=_registered_estimators, unknown="estimator", comma_list=True)
     pairwise: bool = argument(False, "Also keep the n_train x n_val influence matrix per layer.")
     compute_dtype: str = argument("float32", "dtype of the estimator's matmuls: float32 or float64.",
                                   choices=("float32", "float64"))
-    lissa_depth: int = argument(200, "Iterations of the LiSSA recursion (--estimator lissa).", minimum=1)
+    lissa_depth: int = argument(LISSA_DEPTH, "Most steps of each LiSSA recursion (--estimator lissa).", minimum=1)
+    lissa_tol: float = argument(LISSA_TOL, "Stop a matrix's LiSSA recursion once the influence changes by less than "
+                                "this (relative) over the last tenth of its steps; 0 runs every step.", minimum=0)
     lissa_scale: float | None = argument(None, "Scale of the LiSSA recursion (--estimator lissa; default: a bound "
                                          "on the largest eigenvalue).", check=_positive_or_none)
+    lissa_batch: int = argument(LISSA_BATCH, "Training samples per LiSSA step (all of them when n_train is not "
+                                "larger: deterministic).", minimum=1)
+    lissa_repeats: int = argument(LISSA_REPEATS, "Independent LiSSA recursions averaged per matrix (mini-batches "
+                                  "only).", minimum=1)
     bootstrap: int = argument(0, "Bootstrap resamples of the training samples for intervals of every score "
                               "(e.g. 1000; 0 = off).", minimum=0)
     bootstrap_seed: int = argument(0, "Seed of the bootstrap resamples.")
+
+    @property
+    def estimators(self) -> list[str]:
+        """The estimator names of `estimator` (one, or several given as a comma list), in order."""
+        return self.estimator.split(",")
 
 
 @dataclass(kw_only=True)
@@ -176,6 +199,13 @@ class ScoreConfig(ExecutionArguments, EstimatorArguments, SpaceArguments, DataAr
     `dataclasses.asdict(config)` is the flat dict recorded in run.json; `config.group(DataArguments)` gives one
     group, and `ScoreConfig.from_groups(DataArguments(...), ...)` builds a config from groups.
     """
+
+    def validate(self) -> None:
+        """Raise LayerIFError on a bad value or a bad combination of values, naming the options."""
+        super().validate()
+        if len(self.estimators) > 1 and self.strategy == "stream":
+            raise LayerIFError("--strategy stream scores one estimator at a time; use auto, store or spill with "
+                               f"--estimator {self.estimator}")
 
     def group(self, kind: type[_Arguments]) -> _Arguments:
         """A copy of one argument group's fields."""

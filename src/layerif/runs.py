@@ -13,11 +13,20 @@ from pathlib import Path
 
 from layerif.api import ScoreConfig, peak_rss_bytes, restart_peak_rss, score_layers
 from layerif.errors import LayerIFError
+from layerif.influence.lissa import convergence_warning
 from layerif.io import atomic_write_json
 from layerif.outdir import CHECKPOINT, OutputFolder
 from layerif.scores import LayerScores
 
 OUTPUT_FILES = ("layer_scores.csv", "influence.safetensors", "layer_scores.png", "run.json")
+
+
+def output_files(config: ScoreConfig) -> list[str]:
+    """The files a run writes: OUTPUT_FILES, plus each estimator's scores and influence when several are given."""
+    names = config.estimators
+    extra = [] if len(names) == 1 else [f"{stem}.{name}.{ending}" for name in names
+                                        for stem, ending in (("layer_scores", "csv"), ("influence", "safetensors"))]
+    return [*OUTPUT_FILES[:2], *extra, *OUTPUT_FILES[2:]]
 CHECKPOINT_DIR = CHECKPOINT  # inside --out while a run is unfinished; removed once its outputs are in place
 
 
@@ -38,6 +47,7 @@ class ScoreRun:
     overwrite: bool = False
     demo_task: str | None = None
     spill_dir: str | None = None  # default: inside the run's checkpoint directory, on --out's disk
+    trust_remote_code: bool = False  # run code shipped in a model folder (--trust-remote-code)
     config: ScoreConfig = field(default_factory=ScoreConfig)
 
 
@@ -61,7 +71,7 @@ def check_output_dir(out: Path, overwrite: bool, command: str = "stability") -> 
 
 def output_folder(run: ScoreRun) -> OutputFolder:
     """The --out folder of a scoring run under the output-folder policy."""
-    return OutputFolder(run.out, "score", overwrite=run.overwrite, inputs=[run.model], names=OUTPUT_FILES,
+    return OutputFolder(run.out, "score", overwrite=run.overwrite, inputs=[run.model], names=output_files(run.config),
                         checkpoint=True)
 
 
@@ -98,7 +108,7 @@ def validate(run: ScoreRun) -> OutputFolder:
             if source is None:
                 raise LayerIFError("both --train and --val are needed")
             check_source(source, split)
-    check_model_source(run.model, run.gguf_file)
+    check_model_source(run.model, run.gguf_file, run.trust_remote_code)
     folder = output_folder(run)
     folder.check()
     return folder
@@ -131,7 +141,12 @@ def _load_rows(run: ScoreRun):
 
 
 def run_score(run: ScoreRun) -> tuple[LayerScores, Path]:
-    """Score layers and write layer_scores.csv, influence.safetensors, layer_scores.png and run.json."""
+    """Score layers and write layer_scores.csv, influence.safetensors, layer_scores.png and run.json.
+
+    With several estimators each one's scores also go to layer_scores.<estimator>.csv and
+    influence.<estimator>.safetensors (the first estimator's are the plain files and the returned LayerScores),
+    and run.json gets the agreement of their profiles.
+    """
 
     folder = validate(run)
     from layerif import distributed
@@ -158,12 +173,14 @@ def _score(run: ScoreRun, folder: OutputFolder, staging: Path | None) -> tuple[L
     dist = distributed.current()
     device = run.device or (f"cuda:{dist.local_rank}" if _cuda_available() else "cpu")
     loaded = load_model(run.model, run.gguf_file, run.dtype, None if run.device_map else device,
-                        device_map=run.device_map, quiet=run.config.quiet)
+                        device_map=run.device_map, quiet=run.config.quiet, trust_remote_code=run.trust_remote_code)
     timings["load_model_s"] = time.perf_counter() - clock
     peak_is_scoring = restart_peak_rss()  # so the model's loading peak does not hide the scoring peak
-    scores = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config,
+    result = score_layers(loaded.model, loaded.tokenizer, train_rows, val_rows, run.config,
                           checkpoint_dir=str(folder.checkpoint_dir), restart=run.overwrite,
                           spill_dir=run.spill_dir or str(folder.checkpoint_dir))
+    by_estimator = result if isinstance(result, dict) else {run.config.estimator: result}
+    scores = next(iter(by_estimator.values()))
     scoring_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak_is_scoring else None
     timings.update(scores.metadata.pop("timings", {}))
     if staging is None:
@@ -175,7 +192,12 @@ def _score(run: ScoreRun, folder: OutputFolder, staging: Path | None) -> tuple[L
     scores.metadata["model"] = {"source": loaded.source, "gguf_file": loaded.gguf_file,
                                 "revision": loaded.revision, "class": type(loaded.model).__name__,
                                 "blocks_path": find_blocks(loaded.model)[0]}
+    for other in by_estimator.values():
+        other.metadata["model"] = scores.metadata["model"]
     scores.save(staging)
+    if len(by_estimator) > 1:
+        for name, each in by_estimator.items():
+            each.save(staging, name)
     plot_layer_scores(scores, staging / "layer_scores.png", title=f"LayerIF scores — {loaded.source}")
     timings["write_s"] = time.perf_counter() - clock
     record = {
@@ -197,17 +219,37 @@ def _score(run: ScoreRun, folder: OutputFolder, staging: Path | None) -> tuple[L
         "resumed": scores.metadata.get("resumed"),
         "world_size": scores.metadata.get("world_size"),
         "left_out": scores.metadata.get("left_out"),
-        "estimator_info": scores.metadata.get("estimator_info") or None,
+        **_estimator_record(by_estimator),
         "timings_s": {key: round(value, 3) for key, value in timings.items()},
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_scoring_bytes": scoring_peak,
         "peak_gpu_bytes": scores.metadata.get("peak_gpu_bytes"),
         "versions": package_versions(),
-        "outputs": list(OUTPUT_FILES),
+        "outputs": output_files(run.config),
     }
     atomic_write_json(staging / "run.json", record)
     folder.publish()
+    for name, each in by_estimator.items():
+        line = convergence_warning(each.metadata.get("convergence"), name)
+        if line:
+            print(line, file=sys.stderr)
     return scores, out
+
+
+def _estimator_record(by_estimator: dict[str, LayerScores]) -> dict:
+    """run.json's estimator part: solver info, LiSSA's convergence and, for several estimators, their agreement."""
+    if len(by_estimator) == 1:
+        scores = next(iter(by_estimator.values()))
+        return {"estimator_info": scores.metadata.get("estimator_info") or None,
+                "convergence": scores.metadata.get("convergence")}
+    from layerif.scores import estimator_agreement
+
+    return {"estimators": list(by_estimator),
+            "estimator_info": {name: each.metadata.get("estimator_info") or None for name, each in by_estimator.items()},
+            "convergence": {name: each.metadata["convergence"] for name, each in by_estimator.items()
+                            if each.metadata.get("convergence")} or None,
+            "estimator_s": {name: round(each.metadata.get("estimator_s", 0.0), 3) for name, each in by_estimator.items()},
+            "agreement": {"method": "Spearman correlation of the layer profiles", "pairs": estimator_agreement(by_estimator)}}
 
 
 def _cuda_available() -> bool:

@@ -191,9 +191,13 @@ class LayerScores:
             table[column] = values
         return table
 
-    def save(self, directory: str | Path) -> None:
-        """Write influence.safetensors and layer_scores.csv (atomically) into `directory`."""
+    def save(self, directory: str | Path, suffix: str | None = None) -> None:
+        """Write influence.safetensors and layer_scores.csv (atomically) into `directory`.
+
+        With `suffix` (an estimator's name) the files are influence.<suffix>.safetensors and layer_scores.<suffix>.csv.
+        """
         directory = Path(directory)
+        ending = f".{suffix}" if suffix else ""
         tensors = {"q": self.q.float(), "q_modules": self.q_modules.float()}
         if self.q_pairwise is not None:
             tensors["q_pairwise"] = self.q_pairwise.float()
@@ -210,15 +214,15 @@ class LayerScores:
         }
         if self.intervals is not None:
             metadata["bootstrap_columns"] = json.dumps(list(BOOTSTRAP_COLUMNS))
-        atomic_save_tensors(directory / "influence.safetensors", tensors, metadata)
-        atomic_write_text(directory / "layer_scores.csv", self.to_pandas().to_csv(index=False))
+        atomic_save_tensors(directory / f"influence{ending}.safetensors", tensors, metadata)
+        atomic_write_text(directory / f"layer_scores{ending}.csv", self.to_pandas().to_csv(index=False))
 
     @classmethod
-    def load(cls, directory: str | Path) -> LayerScores:
-        """Read scores saved by `save` (a run directory of `layerif score`)."""
+    def load(cls, directory: str | Path, estimator: str | None = None) -> LayerScores:
+        """Read scores saved by `save` (a run directory of `layerif score`; `estimator`: one of several)."""
         from safetensors import safe_open
 
-        path = Path(directory) / "influence.safetensors"
+        path = Path(directory) / (f"influence.{estimator}.safetensors" if estimator else "influence.safetensors")
         if not path.is_file():
             raise LayerIFError(f"no layer scores in {directory}: {path.name} is missing (run `layerif score` first)")
         try:
@@ -246,3 +250,24 @@ class LayerScores:
             metadata=json.loads(meta.get("metadata", "{}")),
             intervals=intervals,
         )
+
+
+def estimator_agreement(by_estimator: dict[str, LayerScores]) -> list[dict]:
+    """Spearman correlation of the layer profiles of every pair of estimators, per aggregation.
+
+    One row per pair, in the order given: {"a", "b", "S_pos", "S_top25", "S_all"}; None where a profile is
+    constant (no ranking to compare).
+    """
+    from scipy.stats import spearmanr
+
+    names = list(by_estimator)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            row: dict = {"a": a, "b": b}
+            for how in AGGREGATIONS:
+                first, second = by_estimator[a].scores(how), by_estimator[b].scores(how)
+                constant = np.ptp(first) == 0 or np.ptp(second) == 0
+                row[how] = None if constant else float(spearmanr(first, second).statistic)
+            rows.append(row)
+    return rows

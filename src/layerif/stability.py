@@ -56,6 +56,8 @@ class StabilityRun:
             if getattr(self, name) < 1:
                 raise LayerIFError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         self.config.validate()
+        if len(self.config.estimators) > 1:
+            raise LayerIFError(f"layerif stability scores one estimator; --estimator {self.config.estimator} names several")
 
 
 def disjoint_splits(n_rows: int, splits: int, size: int, seed: int, what: str) -> list[list[int]]:

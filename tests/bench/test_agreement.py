@@ -23,16 +23,14 @@ def load_bench():
 
 def test_shared_capture_gives_each_estimator_its_own_runs_scores():
     from layerif.api import ScoreConfig, score_layers
-    from layerif.influence import engine
 
     bench = load_bench()
     model, tokenizer = tiny_llama(layers=2, seed=1), TinyTokenizer()
     train, val = tiny_texts(10, seed=2), tiny_texts(3, seed=3)
     settings = {"batch_size": 4, "compute_dtype": "float64", "lissa_depth": 20}
     estimators = ["identity", "datainf", "exact", "lissa", "ekfac"]
-    original = engine.Strategy.score_matrix
     shared = bench.shared_capture_scores(model, tokenizer, train, val, estimators, settings)
-    assert engine.Strategy.score_matrix is original  # the patch does not outlive the run
+    assert shared["capture_seconds"] > 0
     for name in estimators:
         alone = score_layers(model, tokenizer, train, val,
                              ScoreConfig(estimator=name, strategy="spill", quiet=True, **settings))

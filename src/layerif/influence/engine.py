@@ -3,11 +3,15 @@
 Three strategies share one interface (`Strategy.run(plan) -> training passes`) and write into one
 `ResultSink`: `Store` keeps factors in memory per layer group, `Spill` writes them to disk in one pass and
 scores layer by layer from the files, `Stream` keeps weight-sized sums only (three passes for DataInf).
-Store and Spill hand every matrix to the same estimator step (`influence_from_factors`).
+Store and Spill hand every matrix to the same estimator step (`influence_from_factors`); with several estimators
+(`ScoringJob.estimator` a comma list) each of them scores the same captured factors into a sink of its own,
+checkpointed per estimator.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,9 +46,14 @@ class ScoringJob:
     val_batches: Sequence[Batch]
     n_train: int  # training samples over every rank
     n_val: int
-    estimator: str = "datainf"
+    estimator: str = "datainf"  # one name, or a comma list: every estimator scores the same captured factors
     pairwise: bool = False
-    estimator_options: dict = field(default_factory=dict)  # LiSSA's depth, scale and seed
+    estimator_options: dict = field(default_factory=dict)  # LiSSA's depth, tolerance, scale and seed
+
+    @property
+    def estimators(self) -> list[str]:
+        """The estimator names, in the order given."""
+        return self.estimator.split(",")
 
 
 @dataclass
@@ -58,6 +67,7 @@ class InfluenceResult:
     left_out_train: dict[int, str] = field(default_factory=dict)  # sample -> where its loss/gradient went non-finite
     left_out_val: dict[int, str] = field(default_factory=dict)
     estimator_info: dict[str, dict] = field(default_factory=dict)  # "layer.matrix" -> what the solver reported
+    estimator_s: float = 0.0  # time spent in this estimator's steps (Store and Spill)
 
 
 class LeftOut:
@@ -103,14 +113,19 @@ class ResultSink:
     Finished layers (and finished streaming passes) are saved to the checkpoint; saved ones are loaded back.
     """
 
-    def __init__(self, job: ScoringJob, ctx: RunContext, checkpoint: Checkpoint | None = None):
+    def __init__(self, job: ScoringJob, ctx: RunContext, checkpoint: Checkpoint | None = None,
+                 estimator: str | None = None, left_out: LeftOut | None = None):
         self.checkpoint = checkpoint
+        self.estimator = estimator or job.estimator
+        self.unit_suffix = self.estimator if len(job.estimators) > 1 else None  # one estimator: plain unit names
         self.influence: list[list[torch.Tensor | None]] = [[None] * len(refs) for refs in job.per_layer]
         self.damping: list[list[float]] = [[0.0] * len(refs) for refs in job.per_layer]
         self.pair: list[torch.Tensor | None] | None = [None] * len(job.per_layer) if job.pairwise else None
         self.slot_of = {(ref.layer, ref.name): slot for refs in job.per_layer for slot, ref in enumerate(refs)}
-        self.left_out = LeftOut(job.n_train, ctx)
+        self.left_out = left_out or LeftOut(job.n_train, ctx)
         self.estimator_info: dict[str, dict] = {}
+        self.done: set[int] = set()  # layers loaded from the checkpoint
+        self.seconds = 0.0
 
     def load_unit(self, name: str) -> dict | None:
         """A saved checkpoint unit (None when absent); its left-out samples join this run's."""
@@ -130,13 +145,14 @@ class ResultSink:
         self.checkpoint.save(name, tensors)
 
     def load_layers(self, planned: set[int]) -> None:
-        """Fill every layer the plan leaves out from the checkpoint."""
+        """Fill every layer this estimator finished from the checkpoint (the plan leaves out only layers all did)."""
         for layer in range(len(self.influence)):
-            if layer in planned:
-                continue
-            saved = self.load_unit(layer_unit(layer))
+            saved = self.load_unit(layer_unit(layer, self.unit_suffix))
             if saved is None:
-                raise RuntimeError(f"layer {layer} is neither planned nor checkpointed")
+                if layer not in planned:
+                    raise RuntimeError(f"layer {layer} is neither planned nor checkpointed")
+                continue
+            self.done.add(layer)
             self.influence[layer] = list(saved["influence"].double().unbind(0))
             self.damping[layer] = saved["damping"].double().tolist()
             if self.pair is not None:
@@ -158,7 +174,7 @@ class ResultSink:
         tensors = {"influence": torch.stack(self.influence[layer]), "damping": torch.tensor(self.damping[layer])}
         if self.pair is not None:
             tensors["pairwise"] = self.pair[layer]
-        self.save_unit(layer_unit(layer), tensors)
+        self.save_unit(layer_unit(layer, self.unit_suffix), tensors)
 
     def result(self, passes: int) -> InfluenceResult:
         """Everything collected, with the left-out samples of every rank and of checkpointed units."""
@@ -167,14 +183,15 @@ class ResultSink:
             for sample in self.left_out.mask().nonzero().flatten().tolist():
                 train.setdefault(sample, "non-finite (found on another rank or in an earlier, checkpointed run)")
         return InfluenceResult(self.influence, self.pair, self.damping, passes, dict(sorted(train.items())),
-                               dict(sorted(self.left_out.val.items())), self.estimator_info)
+                               dict(sorted(self.left_out.val.items())), self.estimator_info, self.seconds)
 
 
 class Strategy:
     """One way through the data: `run(plan)` puts every matrix of the planned layers into the sink."""
 
-    def __init__(self, job: ScoringJob, ctx: RunContext, sink: ResultSink):
-        self.job, self.ctx, self.sink = job, ctx, sink
+    def __init__(self, job: ScoringJob, ctx: RunContext, sinks: dict[str, ResultSink]):
+        self.job, self.ctx, self.sinks = job, ctx, sinks
+        self.sink = next(iter(sinks.values()))  # the first estimator's; the left-out samples are shared
 
     def run(self, plan: PassPlan) -> int:
         """Score the plan's layers; return the number of training passes."""
@@ -189,9 +206,23 @@ class Strategy:
         layers = sorted({ref.layer for ref in refs})
         run_pass(self.job.model, batches, refs, consume, self.ctx, self.sink.left_out.spec(desc, what, layers))
 
-    def score_matrix(self, ref: MatrixRef, inputs: MatrixInputs) -> None:
-        """The per-matrix estimator step, shared by Store and Spill."""
-        self.sink.put(ref, influence_from_factors(self.job.estimator, inputs, self.ctx, self.job.estimator_options))
+    def pending(self, layer: int) -> list[str]:
+        """The estimators that still have to score `layer` (the others have it from the checkpoint)."""
+        return [name for name, sink in self.sinks.items() if layer not in sink.done]
+
+    def score_matrix(self, ref: MatrixRef, inputs: MatrixInputs, names: Sequence[str] | None = None) -> None:
+        """The per-matrix estimator step, shared by Store and Spill: each pending estimator on the same factors."""
+        for name in self.pending(ref.layer) if names is None else names:
+            started = time.perf_counter()
+            result = influence_from_factors(name, inputs, self.ctx, self.job.estimator_options)
+            sink = self.sinks[name]
+            sink.seconds += time.perf_counter() - started
+            sink.put(ref, result)
+
+    def finish_layer(self, layer: int, names: Sequence[str] | None = None) -> None:
+        """Save `layer` for each estimator that has just scored it."""
+        for name in self.pending(layer) if names is None else names:
+            self.sinks[name].finish_layer(layer)
 
 
 class _SquaredNorms:
@@ -255,17 +286,28 @@ class Store(Strategy):
         n_effective = self.sink.left_out.n_effective()
         v = ctx.reduced_sums(val_sums, [(r.d_out, r.d_in) for r in refs])
         sq = norms.reduced()
-        with ctx.progress(len(refs), f"{label} {job.estimator}", unit="matrix") as bar:
-            for position, ref in enumerate(refs):
-                factors, train_factors[position] = train_factors[position], None  # freed as we go
-                factors.sq_norms = sq[position]
-                each = _each_gradient(val_factors[position]) if val_factors is not None else None
-                self.score_matrix(ref, MatrixInputs(factors, v[position], each, n_effective))
-                if val_factors is not None:
-                    val_factors[position] = None
-                bar.update(1)
-        for layer in group:
-            self.sink.finish_layer(layer)
+        for position in range(len(refs)):
+            train_factors[position].sq_norms = sq[position]
+        pending = {layer: self.pending(layer) for layer in group}
+        names = [name for name in job.estimators if any(name in wanted for wanted in pending.values())]
+        last_use = {position: max((names.index(name) for name in pending[ref.layer]), default=-1)
+                    for position, ref in enumerate(refs)}
+        # one estimator at a time over the group, so that each one's layers are saved as soon as it is done
+        for number, name in enumerate(names):
+            mine = [position for position, ref in enumerate(refs) if name in pending[ref.layer]]
+            with ctx.progress(len(mine), f"{label} {name}", unit="matrix") as bar:
+                for position in mine:
+                    each = _each_gradient(val_factors[position]) if val_factors is not None else None
+                    self.score_matrix(refs[position], MatrixInputs(train_factors[position], v[position], each,
+                                                                   n_effective), [name])
+                    if last_use[position] == number:  # freed as we go
+                        train_factors[position] = None
+                        if val_factors is not None:
+                            val_factors[position] = None
+                    bar.update(1)
+            for layer in group:
+                if name in pending[layer]:
+                    self.finish_layer(layer, [name])
 
 
 class Spill(Strategy):
@@ -276,9 +318,21 @@ class Spill(Strategy):
     """
 
     def run(self, plan: PassPlan) -> int:
+        from layerif.gradients.spill import SpillCorrupt
+
+        layers, done = list(plan.groups[0]) if plan.groups else [], []
+        try:
+            return self._run_layers(layers, done)
+        except SpillCorrupt as exc:  # a damaged file is never used: redo its layers once (one rank only)
+            if self.ctx.dist.enabled:
+                raise
+            print(f"warning: {exc}; recomputing layers {', '.join(map(str, sorted(set(layers) - set(done))))}",
+                  file=sys.stderr)
+            return 1 + self._run_layers([layer for layer in layers if layer not in done], [])
+
+    def _run_layers(self, layers: list[int], done: list[int]) -> int:
         from layerif.gradients.spill import SpillStore
 
-        layers = plan.groups[0] if plan.groups else []
         if not layers:
             return 0
         refs = self.refs(layers)
@@ -296,12 +350,13 @@ class Spill(Strategy):
             self.traverse("validation", refs, consume_val, "validation (spill to disk)")
             self.traverse("training", refs, consume_train, "training (spill to disk)")
             store.finish_writing()
-            self._score_from_disk(store, refs, layers, norms.reduced())
+            self._score_from_disk(store, refs, layers, norms.reduced(), done)
         finally:
             store.close()
         return 1
 
-    def _score_from_disk(self, store, refs: Sequence[MatrixRef], layers: Sequence[int], sq: torch.Tensor) -> None:
+    def _score_from_disk(self, store, refs: Sequence[MatrixRef], layers: Sequence[int], sq: torch.Tensor,
+                         done: list[int]) -> None:
         job, ctx = self.job, self.ctx
         n_effective = self.sink.left_out.n_effective()
         ones = torch.ones(job.n_val, dtype=ctx.compute_dtype)
@@ -309,6 +364,7 @@ class Spill(Strategy):
             for number, layer in enumerate(layers):
                 if number + 1 < len(layers):
                     store.prefetch(layers[number + 1])  # the disk reads the next layer while this one is scored
+                names = self.pending(layer)
                 for position in [p for p, ref in enumerate(refs) if ref.layer == layer]:
                     ref = refs[position]
                     val = store.factors("val", layer, position,
@@ -317,9 +373,10 @@ class Spill(Strategy):
                     train = store.factors("train", layer, position, MatrixFactors(
                         job.n_train, ref.d_in, ref.d_out, ctx.compute_dtype, sq_norms=sq[position]))
                     each = _each_gradient(val) if job.pairwise else None
-                    self.score_matrix(ref, MatrixInputs(train, v, each, n_effective))
+                    self.score_matrix(ref, MatrixInputs(train, v, each, n_effective), names)
                 store.drop_layer(layer)
-                self.sink.finish_layer(layer)
+                self.finish_layer(layer, names)
+                done.append(layer)
                 bar.update(1)
 
 
@@ -368,19 +425,31 @@ class Stream(Strategy):
 STRATEGY_TYPES: dict[str, type[Strategy]] = {"store": Store, "spill": Spill, "stream": Stream}
 
 
+def compute_influences(job: ScoringJob, plan: PassPlan, ctx: RunContext,
+                       checkpoint: Checkpoint | None = None) -> dict[str, InfluenceResult]:
+    """Influence of each training sample through each selected matrix, per estimator of the job, following `plan`.
+
+    Layers already saved in `checkpoint` are loaded instead of computed (the plan covers only the layers some
+    estimator still lacks); each finished layer of each estimator, and each finished streaming pass, is saved
+    to it. With `ctx.skip_nonfinite`, samples whose loss or gradient is not finite are left out of every sum
+    (as if absent from the data) instead of stopping the run; the result lists them. Several estimators need
+    the store or spill strategy (the streamed sums are DataInf's and identity's own).
+    """
+    if len(job.estimators) > 1 and plan.mode == "stream":
+        raise LayerIFError("streaming passes score one estimator; use --strategy store or spill for several")
+    left_out = LeftOut(job.n_train, ctx)
+    sinks = {name: ResultSink(job, ctx, checkpoint, name, left_out) for name in job.estimators}
+    planned = {layer for group in plan.groups for layer in group}
+    for sink in sinks.values():
+        sink.load_layers(planned)
+    passes = STRATEGY_TYPES[plan.mode](job, ctx, sinks).run(plan)
+    return {name: sink.result(passes) for name, sink in sinks.items()}
+
+
 def compute_influence(job: ScoringJob, plan: PassPlan, ctx: RunContext,
                       checkpoint: Checkpoint | None = None) -> InfluenceResult:
-    """Influence of each training sample through each selected matrix, following `plan`.
-
-    Layers already saved in `checkpoint` are loaded instead of computed (the plan covers only the others);
-    each finished layer, and each finished streaming pass, is saved to it. With `ctx.skip_nonfinite`,
-    samples whose loss or gradient is not finite are left out of every sum (as if absent from the data)
-    instead of stopping the run; the result lists them.
-    """
-    sink = ResultSink(job, ctx, checkpoint)
-    sink.load_layers({layer for group in plan.groups for layer in group})
-    passes = STRATEGY_TYPES[plan.mode](job, ctx, sink).run(plan)
-    return sink.result(passes)
+    """`compute_influences` for a job with one estimator."""
+    return next(iter(compute_influences(job, plan, ctx, checkpoint).values()))
 
 
 def _each_gradient(factors: MatrixFactors) -> torch.Tensor:
@@ -391,6 +460,6 @@ def _each_gradient(factors: MatrixFactors) -> torch.Tensor:
     return ordered.view(factors.n, factors.d_out, factors.d_in)
 
 
-def layer_unit(layer: int) -> str:
-    """Checkpoint unit name of one finished layer."""
-    return f"layer-{layer:04d}"
+def layer_unit(layer: int, estimator: str | None = None) -> str:
+    """Checkpoint unit name of one finished layer (of one estimator, when a run has several)."""
+    return f"layer-{layer:04d}" + (f".{estimator}" if estimator else "")

@@ -187,12 +187,10 @@ class Lissa(_Solved):
     name = "lissa"
 
     def solve(self, inputs, stack, lam, n):
-        from layerif.influence.lissa import LISSA_BATCH, LISSA_DEPTH, LissaSettings, lissa_solve
+        from layerif.influence.lissa import lissa_settings, lissa_solve
 
-        options = self.options
-        settings = LissaSettings(depth=options.get("lissa_depth") or LISSA_DEPTH, scale=options.get("lissa_scale"),
-                                 batch_size=options.get("lissa_batch") or LISSA_BATCH, seed=options.get("seed", 0))
-        solved, details = lissa_solve(inputs.train, stack.to(inputs.train.compute_dtype), lam, n, settings)
+        solved, details = lissa_solve(inputs.train, stack.to(inputs.train.compute_dtype), lam, n,
+                                      lissa_settings(self.options))
         return solved, details.to_dict()
 
 

@@ -10,10 +10,12 @@ deterministically. H_B h is formed from the factors, never from G: g_i . h = sum
 H_B h = (1/|B|) sum_i (g_i . h) g_i, for a whole stack of vectors h at once (the summed validation gradient,
 plus each validation sample's for the pairwise matrix).
 
-With mini-batches the iterate keeps fluctuating around the solution, so the result is the average of h over
-the second half of the steps (iterate averaging; full batches return the last iterate). Convergence is
-reported as the relative change of the influence G h (and of h) over the last tenth of the steps, for the
-average when mini-batches are used.
+With mini-batches the iterate keeps fluctuating around the solution, so the estimate is the average of h over
+the last half to three quarters of the steps (iterate averaging; full batches use the last iterate), and
+`repeats` independent recursions can be run in lockstep and averaged. Every 25 steps, once a tenth of the steps
+has passed since the last comparison, the relative change of the influence G h of the estimate is measured over
+that window; a recursion stops when it falls below `tol`, or after `depth` steps (then it has not converged,
+and the info says so).
 """
 
 from __future__ import annotations
@@ -25,8 +27,14 @@ import torch
 from layerif.errors import LayerIFError
 from layerif.gradients.factors import MatrixFactors
 
-LISSA_DEPTH = 200
-LISSA_BATCH = 16
+# Defaults measured on a random 4-block Llama with 24 x 6 rows (bench/lissa_defaults.py): full batches reach a
+# last-window change of 1e-3 within 925 steps and then S_all within 0.03 % of `exact`; 16-sample mini-batches
+# needed 10,000 steps for 3e-3, their noise shrinking only as one over the root of the steps.
+LISSA_DEPTH = 2000  # most steps; a recursion stops earlier once converged
+LISSA_TOL = 1e-3  # float32 iterates settle near 1e-4, so smaller tolerances may never be met
+LISSA_BATCH = 64  # up to 64 training samples every step is the full, deterministic H
+LISSA_REPEATS = 1
+CHECK_EVERY = 25  # steps between divergence checks (and convergence checks, once a window has passed)
 SCALE_SAFETY = 2.0
 POWER_ITERATIONS = 10
 POWER_SAMPLES = 32
@@ -96,12 +104,19 @@ class TokenFactors:
 
 @dataclass(frozen=True)
 class LissaSettings:
-    """How to run the series: steps, scale (None: automatic), training samples per step, seed of the draws."""
+    """How to run the series.
+
+    depth: most steps per recursion; tol: stop once the relative change of the influence over a window (the
+    last tenth of the steps) is below it (0: always run `depth` steps); scale None: automatic; batch_size:
+    training samples per step; repeats: independent recursions averaged (mini-batches only); seed of the draws.
+    """
 
     depth: int = LISSA_DEPTH
     scale: float | None = None
     batch_size: int = LISSA_BATCH
     seed: int = 0
+    tol: float = LISSA_TOL
+    repeats: int = LISSA_REPEATS
 
 
 @dataclass
@@ -109,17 +124,33 @@ class LissaInfo:
     """How a LiSSA solve went for one matrix."""
 
     scale: float
-    depth: int
+    depth: int  # the most steps allowed
     batch_size: int
-    relative_change: float  # of the influence G h over the last w = max(1, depth // 10) steps: ||dI|| / ||I||
+    relative_change: float  # of the influence G h over the last window (about a tenth of the steps): ||dI|| / ||I||
     h_relative_change: float  # the same for h itself (slow where H = lambda: directions no gradient sees)
     top_eigenvalue: float | None  # power-iteration estimate behind an automatic scale
     restarts: int = 0  # times an automatic scale was raised 4x after the series diverged
+    steps: int = 0  # steps each recursion ran
+    tol: float = 0.0
+    repeats: int = 1
+    converged: bool = False  # relative_change < tol when the recursion stopped
 
     def to_dict(self) -> dict:
-        return {"scale": self.scale, "depth": self.depth, "batch_size": self.batch_size,
+        return {"scale": self.scale, "depth": self.depth, "steps": self.steps, "batch_size": self.batch_size,
+                "repeats": self.repeats, "tol": self.tol, "converged": self.converged,
                 "relative_change": self.relative_change, "h_relative_change": self.h_relative_change,
                 "top_eigenvalue": self.top_eigenvalue, "restarts": self.restarts}
+
+
+def lissa_settings(options: dict) -> LissaSettings:
+    """LissaSettings from a run's estimator options (`lissa_depth`, `lissa_tol`, ...; absent or None: the default)."""
+    def pick(name: str, default):
+        value = options.get(name)
+        return default if value is None else value
+
+    return LissaSettings(depth=pick("lissa_depth", LISSA_DEPTH), scale=options.get("lissa_scale"),
+                         batch_size=pick("lissa_batch", LISSA_BATCH), seed=pick("seed", 0),
+                         tol=pick("lissa_tol", LISSA_TOL), repeats=pick("lissa_repeats", LISSA_REPEATS))
 
 
 def top_eigenvalue(tokens: TokenFactors, divisor: float, start: torch.Tensor, iterations: int = POWER_ITERATIONS) -> float:
@@ -151,6 +182,10 @@ def lissa_solve(factors: MatrixFactors, stack: torch.Tensor, lam: float, n_effec
         raise LayerIFError(f"--lissa-depth must be >= 1, got {depth}")
     if scale is not None and scale <= 0:
         raise LayerIFError(f"--lissa-scale must be positive, got {scale}")
+    if not settings.tol >= 0:
+        raise LayerIFError(f"--lissa-tol must be >= 0, got {settings.tol}")
+    if settings.repeats < 1 or batch_size < 1:
+        raise LayerIFError(f"--lissa-repeats and --lissa-batch must be >= 1, got {settings.repeats} and {batch_size}")
     tokens = TokenFactors.from_factors(factors, stack.device)
     stack = stack.to(tokens.x.dtype)
     active = torch.nonzero(factors.sq_norms > 0).flatten()
@@ -163,10 +198,12 @@ def lissa_solve(factors: MatrixFactors, stack: torch.Tensor, lam: float, n_effec
     if automatic:
         estimate = _probe_top_eigenvalue(tokens, active, n_effective, batch_size, stack, generator)
         scale = SCALE_SAFETY * (estimate + lam)
+    repeats = 1 if full_batch else settings.repeats  # full batches make every recursion the same
+    seeds = torch.randint(1 << 62, (repeats,), generator=generator).tolist()
+    series = _Series(tokens, stack, active, lam, batch_size, divisor)
     while True:
         try:
-            series = _Series(tokens, stack, active, lam, batch_size, divisor)
-            h, marker = series.run(scale, depth, generator)
+            outcome = series.run(scale, depth, settings.tol, [torch.Generator().manual_seed(s) for s in seeds])
             break
         except _Diverged as diverged:
             # an automatic scale comes from a few probes; a mini-batch may still have a larger top eigenvalue
@@ -176,15 +213,10 @@ def lissa_solve(factors: MatrixFactors, stack: torch.Tensor, lam: float, n_effec
                                    f"scale {scale:.3g}); {hint}") from None
             scale *= 4.0
             restarts += 1
-    tiny = torch.finfo(h.dtype).tiny
-    h_change = float((h[0] - marker[0]).norm() / h[0].norm().clamp_min(tiny))
-    # what the scores see is G h, not h: components of h that no training gradient reaches converge at
-    # the slow rate lambda / scale but never change an influence
-    last, before = tokens.dots(h[:1])[0], tokens.dots(marker[:1])[0]
-    change = float((last - before).norm() / last.norm().clamp_min(tiny))
-    info = LissaInfo(float(scale), depth, n_active if full_batch else batch_size, change, h_change, estimate,
-                     restarts)
-    return h / scale, info
+    info = LissaInfo(float(scale), depth, n_active if full_batch else batch_size, outcome.change, outcome.h_change,
+                     estimate, restarts, outcome.steps, settings.tol, repeats,
+                     settings.tol > 0 and outcome.change < settings.tol)
+    return outcome.h / scale, info
 
 
 def _probe_top_eigenvalue(tokens: TokenFactors, active: torch.Tensor, n_effective: int, batch_size: int,
@@ -203,8 +235,16 @@ def _probe_top_eigenvalue(tokens: TokenFactors, active: torch.Tensor, n_effectiv
 
 
 @dataclass
+class _Outcome:
+    h: torch.Tensor  # the estimate of scale * (H + lambda I)^-1 v for the stack
+    change: float  # relative change of G h over the last window
+    h_change: float  # the same for h
+    steps: int
+
+
+@dataclass
 class _Series:
-    """One matrix's recursion h_{k+1} = v + (I - (H_B + lambda I) / scale) h_k over a stack of vectors v."""
+    """One matrix's recursions h_{k+1} = v + (I - (H_B + lambda I) / scale) h_k over a stack of vectors v."""
 
     tokens: TokenFactors
     stack: torch.Tensor
@@ -213,34 +253,72 @@ class _Series:
     batch_size: int
     divisor: float  # H_B = (1 / divisor) sum_{i in B} g_i g_i^T
 
-    def run(self, scale: float, depth: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, the same w steps earlier); raises _Diverged.
+    def run(self, scale: float, depth: int, tol: float, generators: list[torch.Generator]) -> _Outcome:
+        """Run one recursion per generator in lockstep until the estimate settles or `depth` steps; raises _Diverged.
 
-        h is the last iterate with full batches, the average over the second half of the steps otherwise.
+        The estimate is the last iterate with full batches. With mini-batches the iterate keeps fluctuating
+        around the solution, so it is the mean over the recursions of the average iterate over the last half
+        to three quarters of the steps (two running sums, shifted whenever the step count doubles).
         """
-        tokens, stack, active, lam, batch_size, divisor = (self.tokens, self.stack, self.active, self.lam,
-                                                           self.batch_size, self.divisor)
-        n_active = int(active.numel())
-        full_batch = batch_size >= n_active
-        window = max(1, depth // 10)
+        tokens, stack, lam = self.tokens, self.stack, self.lam
+        n_active = int(self.active.numel())
+        full_batch = self.batch_size >= n_active
         bound = 10.0 * scale * float(stack.norm()) / max(lam, torch.finfo(torch.float64).tiny)
-        h = stack.clone()
-        marker = h
-        # with mini-batches the iterate keeps fluctuating around the solution: average it over the second half
-        tail_start = depth // 2 if not full_batch else depth
-        tail_sum = torch.zeros_like(h)
-        for step in range(depth):
-            batch = tokens if full_batch else tokens.subset(
-                active[torch.randperm(n_active, generator=generator)[:batch_size]])
-            h = stack + h - (batch.hvp(h, divisor) + lam * h) / scale
-            if step >= tail_start:
-                tail_sum += h
-            if step == depth - 1 - window:
-                marker = h if full_batch else tail_sum / max(step + 1 - tail_start, 1)
-            if (step + 1) % 25 == 0 or step == depth - 1:
-                size = float(h.norm())
-                if not size < bound:  # also catches NaN
-                    raise _Diverged(size, step + 1)
-        if not full_batch:
-            h = tail_sum / (depth - tail_start)
-        return h, marker
+        tiny = torch.finfo(stack.dtype).tiny
+        h = [stack.clone() for _ in generators]
+        older, newer = torch.zeros_like(stack), torch.zeros_like(stack)
+        counts, boundary = [0, 0], 1
+        marker_step, marker_h = 0, stack[0].clone()
+        marker_dots = tokens.dots(stack[:1])[0]
+        change = h_change = float("inf")
+        step = 0
+        for step in range(1, depth + 1):
+            for r, generator in enumerate(generators):
+                batch = tokens if full_batch else tokens.subset(
+                    self.active[torch.randperm(n_active, generator=generator)[:self.batch_size]])
+                h[r] = stack + h[r] - (batch.hvp(h[r], self.divisor) + lam * h[r]) / scale
+            if not full_batch:
+                if step == 2 * boundary:
+                    older, newer, counts, boundary = newer, older.zero_(), [counts[1], 0], step
+                newer += sum(h) / len(h)
+                counts[1] += 1
+            if step % CHECK_EVERY and step != depth:
+                continue
+            size = max(float(part.norm()) for part in h)
+            if not size < bound:  # also catches NaN
+                raise _Diverged(size, step)
+            if step - marker_step < max(1, step // 10):
+                continue
+            current = h[0] if full_batch else (older + newer) / (counts[0] + counts[1])
+            # what the scores see is G h, not h: components of h that no training gradient reaches converge
+            # at the slow rate lambda / scale but never change an influence
+            dots = tokens.dots(current[:1])[0]
+            change = float((dots - marker_dots).norm() / dots.norm().clamp_min(tiny))
+            h_change = float((current[0] - marker_h).norm() / current[0].norm().clamp_min(tiny))
+            marker_step, marker_h, marker_dots = step, current[0].clone(), dots
+            if change < tol:
+                break
+        estimate = h[0] if full_batch else (older + newer) / (counts[0] + counts[1])
+        return _Outcome(estimate, change, h_change, step)
+
+
+def convergence_summary(estimator_info: dict[str, dict]) -> dict | None:
+    """How many matrices' LiSSA recursions did not converge and the worst last-window change (None: no LiSSA info)."""
+    entries = [entry for entry in estimator_info.values() if "converged" in entry]
+    if not entries:
+        return None
+    missed = [entry for entry in entries if not entry["converged"]]
+    steps = [entry["steps"] for entry in entries]
+    return {"matrices": len(entries), "not_converged": len(missed),
+            "worst_change": max(entry["relative_change"] for entry in entries),
+            "tol": entries[0]["tol"], "max_depth": entries[0]["depth"],
+            "steps_mean": sum(steps) / len(steps), "steps_max": max(steps)}
+
+
+def convergence_warning(summary: dict | None, estimator: str = "lissa") -> str | None:
+    """The one line a run prints when some matrix did not converge (None when all did)."""
+    if not summary or not summary["not_converged"]:
+        return None
+    return (f"warning: {estimator} did not converge on {summary['not_converged']} of {summary['matrices']} matrices "
+            f"(worst relative change {summary['worst_change']:.2g}, --lissa-tol {summary['tol']:g}, "
+            f"--lissa-depth {summary['max_depth']}); raise --lissa-depth, see run.json")

@@ -237,6 +237,22 @@ def _allocation_table(table: AllocationTable) -> str:
             f"{''.join(rows)}</table></div>" + (f"<ul class='skipped'>{skipped}</ul>" if skipped else ""))
 
 
+def _agreement_table(agreement: dict | None) -> str:
+    """The run's estimator agreement (run.json `agreement`) as a table; '' when the run has one estimator."""
+    pairs = (agreement or {}).get("pairs") or []
+    if not pairs:
+        return ""
+    head = "<th class='key'>estimators</th>" + "".join(f"<th>{how}</th>" for how in AGGREGATIONS)
+    rows = []
+    for pair in pairs:
+        cells = "".join(_cell(float(pair[how]), f"{pair[how]:.2f}") if pair.get(how) is not None else "<td>n/a</td>"
+                        for how in AGGREGATIONS)
+        label = f"{pair['a']} – {pair['b']}"
+        rows.append(f"<tr data-pair='{escape(pair['a'])},{escape(pair['b'])}'><td class='key'>{escape(label)}</td>"
+                    f"{cells}</tr>")
+    return f"<div class='scroll'><table class='agreement'><tr>{head}</tr>{''.join(rows)}</table></div>"
+
+
 def _flatten(data, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(data, dict) and data:
         rows = []
@@ -277,6 +293,12 @@ def _run_section(index: int, view: RunView, options: ReportOptions, inputs: Mode
                  else " No bootstrap intervals in this run.")
     parts.append(f"<section id='{prefix}-profile'><h3>Layer profile</h3><p class='muted'>Each aggregation on its "
                  f"own scale.{escape(band_note)}</p>{figures.profile_svg(view, f'{prefix}-profile')}</section>")
+    agreement = _agreement_table(view.record.get("agreement"))
+    if agreement:
+        parts.append(f"<section id='{prefix}-agreement'><h3>Estimator agreement</h3><p class='muted'>Spearman ρ of "
+                     "the layer profiles of each pair of estimators, scored from one gradient capture (layer_scores."
+                     f"&lt;estimator&gt;.csv); the rest of this section shows the first estimator.</p>{agreement}"
+                     "</section>")
     share = figures.module_share_svg(view, f"{prefix}-modules")
     parts.append(f"<section id='{prefix}-modules'><h3>Per-module share</h3>" + (
         "<p class='muted'>Each matrix's share of the summed per-module S_pos of its block (columns S_pos[…] of "
