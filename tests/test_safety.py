@@ -21,6 +21,7 @@ import torch
 
 from layerif.scores import LayerScores
 from tests.conftest import tiny_texts
+from tests.faults import BAD_MODEL_FILES, plant_pickle
 from tests.helpers import instruction_rows, run_cli, save_tiny_model, snapshot, write_jsonl
 
 NAMES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -550,3 +551,85 @@ def test_every_user_byte_survives(t, tmp_path, capsys, adapter, command, overwri
     if code == 2:
         assert after == user  # a refused run leaves no trace
     assert not list(tmp_path.glob(".D.*"))  # no lock or staging folder left beside --out
+
+
+# ---- untrusted inputs: no code from a model folder, no pickle, no header that allocates or escapes ----
+def _copy_model(t, tmp_path, name="copy") -> Path:
+    model = tmp_path / name
+    shutil.copytree(t / "model", model)
+    return model
+
+
+def _evaluate(model, t) -> list[str]:
+    return ["evaluate", "--model", str(model), "--ppl", str(t / "calib.txt"), "--quiet"]
+
+
+def test_remote_code_is_refused_without_the_flag(t, tmp_path, capsys, monkeypatch):
+    import layerif.models.load as load
+
+    model = _copy_model(t, tmp_path)
+    marker = tmp_path / "code-ran"
+    (model / "modeling_x.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    before = snapshot(tmp_path)
+    assert run_cli(*score(t, tmp_path / "run")[:2], str(model), *score(t, tmp_path / "run")[3:]) == 2
+    line = one_error_line(capsys)
+    assert "modeling_x.py" in line and "--trust-remote-code" in line
+    assert run_cli(*_evaluate(model, t)) == 2
+    one_error_line(capsys)
+    with pytest.raises(load.LayerIFError, match="auto_map"):
+        load.load_model(str(model), quiet=True)
+    assert not marker.exists() and snapshot(tmp_path) == before
+
+
+def test_pickle_in_a_checkpoint_or_beside_safetensors_is_never_loaded(t, tmp_path, capsys):
+    from layerif.api import ScoreConfig, score_layers
+    from layerif.models.load import load_model
+    from tests.conftest import TinyTokenizer, tiny_llama
+
+    marker = tmp_path / "unpickled"
+    config = ScoreConfig(quiet=True, batch_size=4, max_memory=1, strategy="store")
+    texts, val = tiny_texts(8, seed=7), tiny_texts(3, seed=8)
+    clean = score_layers(tiny_llama(layers=3, seed=1), TinyTokenizer(), texts, val, config,
+                         checkpoint_dir=str(tmp_path / "ckpt"))
+    for name in ("layer-0001.pt", "layer-0001.bin", "layer-0002.pth", "manifest.pkl"):
+        plant_pickle(tmp_path / "ckpt" / name, marker)
+    (tmp_path / "ckpt" / "layer-0002.safetensors").unlink()  # a missing unit must be recomputed, not unpickled
+    again = score_layers(tiny_llama(layers=3, seed=1), TinyTokenizer(), texts, val, config,
+                         checkpoint_dir=str(tmp_path / "ckpt"))
+    torch.testing.assert_close(again.q, clean.q, rtol=1e-6, atol=0)
+    assert "layer-0002 is missing or corrupt" in capsys.readouterr().err
+    model = _copy_model(t, tmp_path)
+    plant_pickle(model / "pytorch_model.bin", marker)
+    load_model(str(model), quiet=True)
+    only_pickle = _copy_model(t, tmp_path, "only-pickle")
+    (only_pickle / "model.safetensors").unlink()
+    plant_pickle(only_pickle / "pytorch_model.bin", marker)
+    assert run_cli(*_evaluate(only_pickle, t)) == 2  # the weights-only unpickler refuses the planted object
+    one_error_line(capsys)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", [*BAD_MODEL_FILES, "symlink-out-of-folder"])
+def test_malformed_or_escaping_model_files_are_refused_before_loading(t, tmp_path, capsys, monkeypatch, case):
+    import transformers
+
+    calls = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(a)))
+    model = _copy_model(t, tmp_path)
+    if case == "symlink-out-of-folder":
+        (model / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+        (model / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    else:
+        name, data = BAD_MODEL_FILES[case]
+        (model / name).write_bytes(data)
+        if name.endswith(".gguf"):
+            model = model / name
+    before = snapshot(tmp_path)
+    assert run_cli(*_evaluate(model, t)) == 2
+    line = one_error_line(capsys)
+    assert str(model if model.is_file() else model.name) in line or "outside" in line, line
+    assert calls == [] and snapshot(tmp_path) == before

@@ -15,21 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from layerif.errors import LayerIFError
-from layerif.io import atomic_save_tensors, atomic_write_json
+from layerif.io import atomic_save_tensors, atomic_write_json, file_sha256
 
 if TYPE_CHECKING:
     import torch
 
 MANIFEST = "manifest.json"
 FORMAT = "layerif.checkpoint/1"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fingerprint_digest(fingerprint: dict) -> str:
@@ -47,6 +39,7 @@ class Checkpoint:
         self.units: dict[str, str] = {}
         self.loaded: list[str] = []
         self.recomputed: list[str] = []
+        self._checked: set[str] = set()  # units whose file matched its checksum in this run
         self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
 
     def open(self, overwrite: bool = False) -> Checkpoint:
@@ -91,40 +84,49 @@ class Checkpoint:
         if name not in self.units:
             return False
         path = self.directory / f"{name}.safetensors"
-        if not path.is_file() or _sha256(path) != self.units[name]:
+        if not path.is_file() or file_sha256(path) != self.units[name]:
             self.warn(f"checkpoint unit {name} is missing or corrupt; recomputing it")
             self.units.pop(name)
             self.recomputed.append(name)
             path.unlink(missing_ok=True)
             self._write_manifest()
             return False
+        self._checked.add(name)
         return True
+
+    def _intact(self, name: str) -> Path:
+        if name not in self._checked and not self.has(name):
+            raise LayerIFError(f"checkpoint unit {name} is missing or corrupt; run the command again to recompute it")
+        return self.directory / f"{name}.safetensors"
 
     def load(self, name: str) -> dict[str, torch.Tensor]:
         """Tensors of a saved unit (call `has` first)."""
         from safetensors.torch import load_file
 
+        path = self._intact(name)
         self.loaded.append(name)
-        return load_file(str(self.directory / f"{name}.safetensors"))
+        return load_file(str(path))
 
     def save(self, name: str, tensors: dict[str, torch.Tensor], record: dict | None = None) -> None:
         """Save a unit atomically and record it (`record`: JSON kept in the file's metadata)."""
         path = self.directory / f"{name}.safetensors"
         metadata = None if record is None else {"record": json.dumps(record, default=str)}
         atomic_save_tensors(path, tensors, metadata)
-        self.units[name] = _sha256(path)
+        self.units[name] = file_sha256(path)
+        self._checked.add(name)
         self._write_manifest()
 
     def record(self, name: str) -> dict:
         """The JSON record saved with a unit (call `has` first); {} when it was saved without one."""
         from safetensors import safe_open
 
-        with safe_open(str(self.directory / f"{name}.safetensors"), framework="pt") as handle:
+        with safe_open(str(self._intact(name)), framework="pt") as handle:
             metadata = handle.metadata() or {}
         return json.loads(metadata["record"]) if "record" in metadata else {}
 
     def drop(self, name: str) -> None:
         """Forget a unit and delete its file (work that is no longer needed)."""
+        self._checked.discard(name)
         if self.units.pop(name, None) is not None:
             self._write_manifest()
         (self.directory / f"{name}.safetensors").unlink(missing_ok=True)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from layerif.checkpoint import discard_checkpoint, is_our_checkpoint
 from layerif.checkpoint import has_units as checkpoint_has_units
 from layerif.errors import LayerIFError
+from layerif.io import exchange, rename
 
 MANIFEST = ".layerif.json"
 FORMAT = "layerif.outputs/1"
@@ -102,17 +102,6 @@ def _remove_ours(folder: Path, names: Iterable[str]) -> None:
                 discard_checkpoint(entry)
             continue  # we write no other folders: one here is not ours
         entry.unlink()
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _model_path(source: str | Path | None) -> Path | None:
@@ -252,7 +241,12 @@ class OutputFolder:
 
     def _remove_stale_staging(self) -> None:
         for stale in self.out.parent.glob(f".{self.out.name}.staging-*"):
-            if _real_dir(stale) and _real_file(stale / MANIFEST):  # a staging folder of a killed command
+            if not _real_dir(stale):
+                continue
+            # a killed command's staging folder: marked by our manifest, or killed before that was in place
+            unmarked = all(entry.name.startswith(f".{MANIFEST}.") and entry.name.endswith(".tmp")
+                           for entry in stale.iterdir())
+            if _real_file(stale / MANIFEST) or unmarked:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _release(self, exc_type) -> None:
@@ -293,7 +287,7 @@ class OutputFolder:
         staged = sorted(entry.name for entry in staging.iterdir() if entry.name != MANIFEST)
         if not out.exists():
             _write_manifest(staging, dict.fromkeys(staged, self.command))
-            os.rename(staging, out)
+            rename(staging, out)
             self.staging, self.published = None, True
             return out
         owned = read_manifest(out)
@@ -313,12 +307,12 @@ class OutputFolder:
         only_ours = not foreign and not kept
         if only_ours:
             _write_manifest(staging, files)
-            if _exchange(staging, out):
+            if exchange(staging, out):
                 old = staging  # the previous run now sits at the staging path
             else:
                 old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.rename(out, old)
-                os.rename(staging, out)
+                rename(out, old)
+                rename(staging, out)
             self.staging, self.published = None, True
             _remove_ours(old, [*owned, CHECKPOINT, MANIFEST])
             try:
@@ -328,7 +322,7 @@ class OutputFolder:
             return out
         # The folder also holds the user's (or another command's) files: switch ours in one by one, the manifest last.
         for name in staged:  # every target is absent or a plain file of ours (checked above)
-            os.replace(staging / name, out / name)
+            rename(staging / name, out / name)
         _remove_ours(out, sorted(replaced - set(staged)))
         _write_manifest(out, files)
         if self.uses_checkpoint:

@@ -24,12 +24,12 @@ def check_scores_folder(scores: str | None) -> None:
         raise LayerIFError(f"--scores {scores} is not a `layerif score` run folder (no influence.safetensors)")
 
 
-def check_model_argument(model: str | None) -> None:
-    """Fail fast on a model that cannot be found (no loading)."""
+def check_model_argument(model: str | None, trust_remote_code: bool = False) -> None:
+    """Fail fast on a model that cannot be found or must not be read (no loading)."""
     from layerif.models.load import check_model_source
 
     if model is not None:
-        check_model_source(model)
+        check_model_source(model, trust_remote_code=trust_remote_code)
 
 
 def expert_allocation(
@@ -85,6 +85,7 @@ class SparsityJob:
     overwrite: bool = False
     quiet: bool = False
     seed: int = 0
+    trust_remote_code: bool = False  # run code shipped in a model folder (--trust-remote-code)
 
     def output_folder(self) -> OutputFolder:
         """--out, else the --scores folder (ratios.json is added beside the scores)."""
@@ -114,7 +115,7 @@ class SparsityJob:
 
         check_calibration_arguments(self.calib, self.calib_sequences, self.calib_length)
         check_scores_folder(self.scores)
-        check_model_argument(self.model)
+        check_model_argument(self.model, self.trust_remote_code)
         folder = self.output_folder()
         folder.check()
         return folder
@@ -134,7 +135,7 @@ class SparsityJob:
                 from layerif.calibration import calibration_ids, default_length
                 from layerif.models import load_model
 
-                loaded = load_model(self.model, quiet=True)
+                loaded = load_model(self.model, quiet=True, trust_remote_code=self.trust_remote_code)
                 calib_ids = None
                 if self.allocation == "owl":
                     calib_ids = calibration_ids(self.calib, loaded.tokenizer, self.calib_sequences,
@@ -162,6 +163,7 @@ class ExpertsJob:
     out: str | None = None
     overwrite: bool = False
     seed: int = 0
+    trust_remote_code: bool = False  # run code shipped in a model folder (--trust-remote-code)
 
     def output_folder(self) -> OutputFolder | None:
         """--out (None: the counts are only printed)."""
@@ -180,7 +182,7 @@ class ExpertsJob:
         if self.allocation == "alphalora" and self.model is None:
             raise LayerIFError("--allocation alphalora needs --model")
         check_scores_folder(self.scores)
-        check_model_argument(self.model)
+        check_model_argument(self.model, self.trust_remote_code)
         folder = self.output_folder()
         if folder is not None:
             folder.check()
@@ -203,7 +205,7 @@ class ExpertsJob:
         if self.allocation == "alphalora":
             from layerif.models import load_model
 
-            model = load_model(self.model, quiet=True).model
+            model = load_model(self.model, quiet=True, trust_remote_code=self.trust_remote_code).model
         if folder is None:
             return self.allocate(model), None
         with folder:

@@ -29,6 +29,7 @@ class EvalJob:
     device: str | None = None
     quiet: bool = False
     overwrite: bool = False
+    trust_remote_code: bool = False  # run code shipped in a model folder (--trust-remote-code)
 
     def output_folder(self) -> OutputFolder | None:
         """Where eval.json goes: --out, else the model folder itself (eval.json is added beside the model)."""
@@ -58,7 +59,7 @@ class EvalJob:
             load_task_docs(path, name, self.limit)
         resolve_dtype(self.dtype)
         check_device(self.device)
-        check_model_source(self.model)
+        check_model_source(self.model, trust_remote_code=self.trust_remote_code)
         folder = self.output_folder()
         if folder is not None:
             folder.check()
@@ -93,10 +94,12 @@ class EvalJob:
 
         folder = self.validate()
         if folder is None:
-            loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet)
+            loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet,
+                                trust_remote_code=self.trust_remote_code)
             return self.evaluate(loaded.model, loaded.tokenizer), None
         with folder:
-            loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet)
+            loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet,
+                                trust_remote_code=self.trust_remote_code)
             result = self.evaluate(loaded.model, loaded.tokenizer)
             atomic_write_json(folder.staging / OUTPUT, result)
             folder.publish()

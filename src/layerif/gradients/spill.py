@@ -3,10 +3,13 @@
 One file per layer (and per sample set); each batch appends its x and delta blocks. Matrices that read
 the same input tensor (q/k/v, gate/up) share one x block. Reading maps only the bytes of one chunk, so
 resident memory holds one chunk per matrix at a time, whatever the number of samples.
+Every file's SHA-256 is taken as it is written and kept in `checksums.json`; a file is checked against it
+before its layer is scored, so a truncated or damaged file raises `SpillCorrupt` instead of being used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -21,6 +24,22 @@ import torch
 
 from layerif.errors import LayerIFError
 from layerif.gradients.factors import FactorChunk, MatrixFactors
+from layerif.io import FULL, atomic_write_json, file_sha256, io_error
+
+CHECKSUMS = "checksums.json"
+
+
+class SpillCorrupt(LayerIFError):
+    """A spill file no longer matches the checksum taken when it was written."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"spilled gradients {path} are {why}")
+        self.path = path
+
+
+def write_block(handle, data: memoryview) -> None:
+    """Append one block to an open spill file (the one place spill bytes are written)."""
+    handle.write(data)
 
 
 @dataclass(frozen=True)
@@ -75,13 +94,13 @@ class _BackgroundWriter:
         self.thread = threading.Thread(target=self._loop, name="layerif-spill-writer", daemon=True)
         self.thread.start()
 
-    def put(self, handle, data: torch.Tensor) -> None:
-        """Queue `data` (kept alive until written) for appending to `handle`."""
+    def put(self, handle, data: torch.Tensor, digest) -> None:
+        """Queue `data` (kept alive until written) for appending to `handle`; `digest` is updated with its bytes."""
         nbytes = data.numel() * data.element_size()
         with self.condition:
             while self.pending and self.pending + nbytes > self.max_pending and self.error is None:
                 self.condition.wait()
-            self.queue.append((handle, data))
+            self.queue.append((handle, data, digest))
             self.pending += nbytes
             self.condition.notify_all()
 
@@ -92,10 +111,12 @@ class _BackgroundWriter:
                     self.condition.wait()
                 if not self.queue:
                     return
-                handle, data = self.queue.popleft()
+                handle, data, digest = self.queue.popleft()
             try:
                 if self.error is None:
-                    handle.write(data.view(torch.uint8).numpy().data)
+                    raw = data.view(torch.uint8).numpy().data
+                    write_block(handle, raw)
+                    digest.update(raw)
             except OSError as exc:
                 self.error = exc
             with self.condition:
@@ -131,15 +152,20 @@ class SpillStore:
         self.prefix = prefix
         self._files: dict[tuple[str, int], object] = {}
         self._sizes: dict[tuple[str, int], int] = {}
+        self._digests: dict[tuple[str, int], object] = {}
+        self._checksums: dict[str, str] = {}  # file name -> sha256, once writing is finished
+        self._verified: set[tuple[str, int]] = set()
         self._chunks: dict[tuple[str, int, int], list[SpilledChunk]] = {}
         self._writer: _BackgroundWriter | None = None
 
     def path(self, part: str, layer: int) -> Path:
         return self.directory / f"{self.prefix}-{part}-{layer:04d}.bin"
 
-    def _write_failed(self, exc: OSError) -> LayerIFError:
-        return LayerIFError(f"writing spilled gradients to {self.directory} failed: {exc.strerror or exc} "
-                            "(free some disk, or pick another place with --spill-dir)")
+    def _write_failed(self, exc: OSError) -> Exception:
+        if exc.errno in FULL:
+            return LayerIFError(f"writing spilled gradients to {self.directory} failed: {exc.strerror or exc} "
+                                "(free some disk, or pick another place with --spill-dir)")
+        return io_error(self.directory, exc, "write spilled gradients to")
 
     def _append(self, part: str, layer: int, tensor: torch.Tensor) -> _Block:
         key = (part, layer)
@@ -148,6 +174,7 @@ class SpillStore:
             handle = open(self.path(part, layer), "ab")  # noqa: SIM115 - kept open for the whole pass
             self._files[key] = handle
             self._sizes.setdefault(key, 0)
+            self._digests.setdefault(key, hashlib.sha256())
         if self._writer is None:
             self._writer = _BackgroundWriter()
         offset = self._sizes[key]
@@ -157,7 +184,7 @@ class SpillStore:
                 self._writer.check()
             except OSError as exc:
                 raise self._write_failed(exc) from None
-            self._writer.put(handle, data.cpu())
+            self._writer.put(handle, data.cpu(), self._digests[key])
             self._sizes[key] += data.numel() * data.element_size()
         return _Block(offset, tuple(data.shape))
 
@@ -175,12 +202,17 @@ class SpillStore:
 
     def finish_writing(self) -> None:
         """Write what is queued, then flush and close every file (call after the pass, before reading)."""
+        if self._writer is None and not self._files:
+            return  # finished already (close() calls it again): checksums.json is not rewritten
         writer, self._writer = self._writer, None
         try:
             if writer is not None:
                 writer.finish()
             for handle in self._files.values():
                 handle.close()
+            self._checksums = {self.path(*key).name: digest.hexdigest() for key, digest in self._digests.items()}
+            if self._checksums:
+                atomic_write_json(self.directory / CHECKSUMS, self._checksums)
         except OSError as exc:
             raise self._write_failed(exc) from None
         finally:
@@ -188,6 +220,22 @@ class SpillStore:
                 if not handle.closed:
                     handle.close()
             self._files.clear()
+
+    def verify(self, part: str, layer: int) -> None:
+        """Check one file against its size and checksum (once); raise SpillCorrupt when it does not match."""
+        key = (part, layer)
+        if key in self._verified or key not in self._sizes:
+            return
+        path = self.path(part, layer)
+        try:
+            size = path.stat().st_size
+            if size != self._sizes[key]:
+                raise SpillCorrupt(path, f"{size} bytes instead of {self._sizes[key]} (truncated or overwritten)")
+            if file_sha256(path) != self._checksums.get(path.name):
+                raise SpillCorrupt(path, "corrupt (their SHA-256 differs from the one taken when they were written)")
+        except OSError as exc:
+            raise SpillCorrupt(path, f"unreadable ({exc.strerror or exc})") from None
+        self._verified.add(key)
 
     def prefetch(self, layer: int) -> None:
         """Ask the kernel to start reading one layer's files ahead of their use (where supported)."""
@@ -205,6 +253,7 @@ class SpillStore:
 
     def factors(self, part: str, layer: int, position: int, empty: MatrixFactors) -> MatrixFactors:
         """The spilled factors of one matrix: `empty` (its sizes and norms) given the chunks, which map from disk."""
+        self.verify(part, layer)
         empty.chunks = list(self._chunks.get((part, layer, position), []))
         return empty
 

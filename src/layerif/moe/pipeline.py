@@ -81,6 +81,7 @@ class MoETrainJob:
     device: str | None = None
     quiet: bool = False
     overwrite: bool = False
+    trust_remote_code: bool = False  # run code shipped in a model folder (--trust-remote-code)
 
     def train_config(self) -> TrainConfig:
         """The training settings (checked)."""
@@ -126,7 +127,7 @@ class MoETrainJob:
         check_scores_folder(self.scores)
         resolve_dtype(self.dtype)
         check_device(self.device)
-        check_model_argument(self.model)
+        check_model_argument(self.model, self.trust_remote_code)
         folder = OutputFolder(self.out, "moe train", overwrite=self.overwrite, inputs=[self.model], names=OUTPUTS)
         folder.check()
         return folder
@@ -141,7 +142,8 @@ class MoETrainJob:
         train_config = self.train_config()
         rows = select_rows(load_rows(self.train, self.split, self.quiet), self.n_train, what="training rows")
         with folder:
-            loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet)
+            loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet,
+                                trust_remote_code=self.trust_remote_code)
             n_layers = len(find_blocks(loaded.model)[1])
             allocation = expert_allocation(self.allocation, self.budget, self.beta, self.top_k,
                                            scores_dir=self.scores, score=self.score, n_layers=n_layers,
