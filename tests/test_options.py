@@ -18,6 +18,7 @@ JOB_COMMANDS = {  # command path -> (job class, fields whose CLI default differs
     ("prune",): (cli.PruneJob, {"allocation": "uniform"}),
     ("compare", "prune"): (cli.ComparePruneJob, {"sparsity": None, "scores": [], "dense": False,
                                                   "epsilon_grid": cli.ComparePruneJob.epsilon_grid}),
+    ("compare", "moe"): (cli.CompareMoEJob, {"base": False}),
     ("evaluate",): (cli.EvalJob, {}),
     ("moe", "train"): (cli.MoETrainJob, {}),
     ("moe", "evaluate"): (cli.MoEEvalJob, {"methods": "loglik,generate"}),

@@ -13,6 +13,7 @@ import typer
 
 from layerif.allocate.jobs import ExpertsJob, SparsityJob
 from layerif.args import config_options
+from layerif.compare.moe import CompareMoEJob
 from layerif.compare.prune import ComparePruneJob
 from layerif.evaluate.adapters import MoEEvalJob
 from layerif.evaluate.run import EvalJob
@@ -210,6 +211,58 @@ def compare_prune_command(job: ComparePruneJob) -> None:
     typer.echo(f"wrote compare.json, compare.md, runs.csv and window_nll.csv to {job.out}")
 
 
+@compare_app.command("moe")
+@job_options(CompareMoEJob, exclude=("on_unit", "eval_batch_size"), own={
+    "task": Option("Task folder with train.jsonl, validation.jsonl (scores, curve) and test.jsonl."),
+    "out": Option("Folder for compare.json, compare.md, runs.csv, row_correct.csv (resumable)."),
+    "allocations": Option("Comma list of layerif, depth, random, uniform, reversed, alphalora, mola-2468, "
+                          "mola-8642, mola-5555, plain-lora; layerif:S_top25 for another score. The first is "
+                          "compared with all."),
+    "seeds": Option("Training seeds (one adapter each; run k of every allocation uses seed k)."),
+    "steps": Option("Optimizer steps of every training run."),
+    "budget": Option("Total experts T over all layers (default 5 per layer)."),
+    "rank": Option("Rank of every LoRA expert."),
+    "alpha": Option("LoRA alpha (plain-lora keeps alpha / rank)."),
+    "dropout": Option("Dropout on the expert input."),
+    "modules": Option("attn | mlp | all: which projections of a block get experts."),
+    "lr": Option("Peak AdamW learning rate."),
+    "batch_size": Option("Rows per optimizer step."),
+    "micro_batch_size": Option("Rows per forward (default: the largest that fits --max-memory)."),
+    "max_memory": Option("Activation memory budget of one micro-batch, e.g. 4GiB (default: half the free memory)."),
+    "cutoff": Option("Maximum tokens per training row."),
+    "train_on_inputs": Option("Loss on the whole text instead of the answer tokens only."),
+    "n_train": Option("First N training rows (default all)."),
+    "n_test": Option("First N test rows."),
+    "scores": Option("`layerif score` run for layerif/reversed/random/depth (default: score the task's own rows)."),
+    "score_name": Option("Default layer score of the LayerIF allocations.", ("--score",)),
+    "score_train": Option("Training rows scored when --scores is not given."),
+    "score_val": Option("Validation rows scored when --scores is not given."),
+    "curve_every": Option("First a validation curve of the uniform MoE (seed 0): accuracy every N steps."),
+    "n_val": Option("Validation rows of the curve."),
+    "screen_only": Option("Stop after the curve and its constant-label screen (needs --curve-every)."),
+    "base": Option("Skip scoring the base model on the test rows.", ("--no-base",), lambda skip: not skip, bool,
+                   False),
+    "resamples": Option("Bootstrap resamples."),
+    "units": Option("Folder that keeps finished units across comparisons (default: inside --out until it is "
+                    "published)."),
+    "overwrite": Option(OVERWRITE_HELP + " Also discards finished units.")})
+def compare_moe_command(job: CompareMoEJob) -> None:
+    """Train a LoRA-MoE with each expert allocation over training seeds, and say which is better."""
+    from layerif.compare.moe import points_text
+
+    result = job.run()
+    if not job.quiet:
+        typer.echo(result.table().to_string(index=False))
+    if result.curve:
+        screen = result.curve["screen"]
+        typer.echo(f"screen: best validation point vs always {screen['label']!r}: {points_text(screen)} -> "
+                   f"{'kept' if screen['kept'] else 'left out'}; suggested --steps {result.curve['steps']}")
+    first = result.arms[0]["allocation"]
+    for verdict in (v for v in result.verdicts if v["allocation"] == first):
+        typer.echo(f"{first} vs {verdict['baseline']}: {verdict['reading']} ({points_text(verdict)})")
+    typer.echo(f"wrote compare.json, compare.md, runs.csv and row_correct.csv to {job.out}")
+
+
 @app.command("evaluate")
 @job_options(EvalJob, own={
     "model": Option("Model folder (e.g. a pruned --out), hub id, .gguf or built-in name."),
@@ -402,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     import signal
     import threading
 
-    from layerif.errors import LayerIFError
+    from layerif.errors import DiskError, LayerIFError
     from layerif.outdir import last_interrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -415,6 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     except LayerIFError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except DiskError as exc:  # the machine's fault, not the input's: exit 1, still one line
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt as exc:
         typer.echo(_interrupted_line(argv), err=True)
         sys.exit(143 if isinstance(exc, Terminated) else 130)

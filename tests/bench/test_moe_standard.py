@@ -1,64 +1,73 @@
-"""The MoE study reuses its validation curve's run as the uniform MoE's seed-0 run only when that is exact."""
+"""The MoE study preset is sizes over `layerif compare moe`: the screen decides which tasks run, stages share units."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import random
 import sys
-from types import SimpleNamespace
 
-from tests.conftest import REPO, TinyTokenizer, tiny_llama
+from tests.compare.test_compare_moe import task_rows
+from tests.conftest import REPO
+from tests.helpers import save_tiny_model, write_jsonl
 
 
 def load_bench():
     sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location("moe_standard", REPO / "bench" / "moe_standard.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("moe_standard", module)
     spec.loader.exec_module(module)
     return module
 
 
-def write_task(folder, n_rows: int = 12) -> None:
-    rng = random.Random(0)
-    words = "cat dog sun tree rock fish bird".split()
-    for split in ("train", "validation", "test"):
-        lines = []
-        for _ in range(n_rows):
-            answer = rng.choice(["yes", "no"])
-            text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 8)))
-            lines.append(json.dumps({"instruction": f"Is it true?\nSentence: {text}\n", "input": "",
-                                     "output": f"Answer: {answer}.", "answer": answer}))
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+def write_task(folder, constant_validation: bool = False) -> None:
+    folder.mkdir(parents=True)
+    for split, n, seed in (("train", 40, 1), ("validation", 12, 2), ("test", 12, 3)):
+        rows = task_rows(n, seed)
+        if constant_validation and split == "validation":
+            rows = [{**row, "output": "answer red", "answer": "red"} for row in rows]
+        write_jsonl(folder / f"{split}.jsonl", rows)
 
 
-def test_curve_run_is_the_uniform_seed0_run(tmp_path, monkeypatch):
+def test_a_task_no_model_can_beat_the_constant_label_is_left_out(tmp_path):
     bench = load_bench()
-    from study import Units
+    model = save_tiny_model(tmp_path / "model", layers=3)
+    write_task(tmp_path / "data" / "prior", constant_validation=True)  # always "red": 100 % for the constant
+    study = bench.Study(smoke=True, model=str(model), work=tmp_path / "work", data=tmp_path / "data",
+                        tasks=("prior",))
+    study.run()
+    screen = study.screens["prior"].curve["screen"]
+    assert screen["constant_accuracy"] == 1.0 and not screen["kept"]
+    assert study.kept() == [] and not (tmp_path / "work" / "prior-core").exists()
+    page = (tmp_path / "work" / "moe_standard.md").read_text()
+    assert "**left out**" in page and "No task passed the screen" in page
 
-    (tmp_path / "data" / "toy").mkdir(parents=True)
+
+def test_kept_task_runs_the_core_first_and_the_later_stage_reuses_its_units(tmp_path):
+    bench = load_bench()
+    model = save_tiny_model(tmp_path / "model", layers=3)
     write_task(tmp_path / "data" / "toy")
-    monkeypatch.setattr(bench, "DATA", tmp_path / "data")
-    monkeypatch.setattr(bench, "MAX_STEPS", 4)
-    monkeypatch.setattr(bench, "EVAL_EVERY", 2)
-    monkeypatch.setattr(bench, "BATCH", 2)
-    monkeypatch.setattr(bench, "BUDGET", 8)
-    monkeypatch.setattr(bench, "N_VAL", 6)
-    study = bench.MoEStudy(Units(tmp_path / "units"))
-    study._loaded = SimpleNamespace(model=tiny_llama(layers=2, seed=1), tokenizer=TinyTokenizer())
-
-    curve = study.curve("toy")
-    assert [p["step"] for p in curve["points"]] == [2, 4]
-    final = curve["final_run"]
-    # a run trained on its own with the same seed and steps gives the same test predictions and loss
-    model, _, log = study.train("toy", "uniform", 0, 4)
-    model.eval()
-    assert study.accuracy_rows(model, study.rows("toy", "test")) == final["correct"]
-    assert log["final_loss"] == final["final_loss"]
-    # another number of steps or another seed is trained, not reused
-    assert "from_curve" not in study.run_unit("toy", "uniform", 0, 2)
-    assert "from_curve" not in study.run_unit("toy", "uniform", 1, 4)
-    study.units.path("run-toy-uniform-s0").unlink()
-    reused = study.run_unit("toy", "uniform", 0, 4)
-    assert reused["from_curve"] and reused["correct"] == final["correct"]
+    study = bench.Study(smoke=True, model=str(model), work=tmp_path / "work", data=tmp_path / "data",
+                        tasks=("toy",), keep_all=True)
+    jobs, pages = [], []
+    study.job = lambda *args, original=study.job, **kwargs: jobs.append(original(*args, **kwargs)) or jobs[-1]
+    study.write = lambda original=study.write: (original(), pages.append(
+        (tmp_path / "work" / "moe_standard.md").read_text()))
+    study.run()
+    screen_job, core, everything = jobs
+    assert screen_job.store.computed == ["curve-e2"]
+    # the core four at both smoke seeds, then every allocation at seed 0: only the new allocations train
+    assert sorted(key for key in core.store.computed if key.startswith("run-")) == sorted(
+        f"run-{name}-s{seed}" for name in ("layerif", "depth", "random", "uniform") for seed in (0, 1))
+    assert sorted(everything.store.computed) == sorted(
+        ["alphas"] + [f"run-{name}-s0" for name in ("mola-2468", "mola-8642", "alphalora", "layerif.S_top25",
+                                                 "plain-lora")])
+    assert core.steps == study.screens["toy"].curve["steps"]
+    assert "**Partial tables**" in pages[1] and "**Partial tables**" not in pages[-1]
+    assert "layerif vs depth" in pages[-1] and "Validation curve" in pages[-1]
+    rows = (tmp_path / "work" / "moe_standard.csv").read_text().splitlines()
+    assert rows[0].startswith("task,allocation,seed") and len(rows) == 1 + 9
+    assert (tmp_path / "work" / "moe_standard.png").is_file()
+    # a fresh study object finds the published screen and comparison without running anything
+    again = bench.Study(smoke=True, model=str(model), work=tmp_path / "work", data=tmp_path / "data",
+                        tasks=("toy",), keep_all=True)
+    again.load_finished()
+    assert again.latest["toy"].complete and len(again.latest["toy"].arms) == 9

@@ -215,3 +215,51 @@ def test_two_level_detects_a_real_difference_and_checks_its_input():
         two_level_log_perplexity(nll_a[:2], nll_b, tokens, paired=True)
     with pytest.raises(LayerIFError, match="at least 2 runs"):
         two_level_log_perplexity(nll_a, nll_b, tokens, block=100)
+
+
+def simulated_accuracy(rng, n_seeds: int = 3, seed_sd: float = 0.05, n_rows: int = 300, jitter: float = 0.1):
+    """Per-row correctness (seeds x rows) of A and B whose true accuracy difference, over seeds, is 0.
+
+    A row is hard for every model (one difficulty per row); each training seed of A moves A's accuracy by a
+    shift of sd `seed_sd` (what a training seed does), and every run flips a few rows near its threshold.
+    """
+    difficulty = rng.random(n_rows)
+    shift = rng.normal(0, seed_sd, (n_seeds, 1))
+    a = (difficulty + rng.normal(0, jitter, (n_seeds, n_rows)) < 0.6 + shift).astype(float)
+    b = (difficulty + rng.normal(0, jitter, (n_seeds, n_rows)) < 0.6).astype(float)
+    return a, b
+
+
+def test_two_level_accuracy_covers_with_known_seed_variance_and_one_level_does_not():
+    from layerif.evaluate.stats import two_level_accuracy
+
+    rng = np.random.default_rng(0)
+    trials, two_covers, one_covers = 300, 0, 0
+    for trial in range(trials):
+        a, b = simulated_accuracy(rng)
+        two = two_level_accuracy(a, b, n_resamples=1000, seed=trial)
+        one = compare_accuracy(a, b, n_resamples=1000, seed=trial)
+        two_covers += two.low <= 0 <= two.high
+        one_covers += one.low <= 0 <= one.high
+    assert 0.90 <= two_covers / trials <= 0.985
+    # resampling test rows only holds the seeds' models fixed: far too narrow when seeds move accuracy
+    assert one_covers / trials < 0.8
+    assert one_covers / trials < two_covers / trials - 0.2
+
+
+def test_two_level_accuracy_shares_the_log_perplexity_bootstrap_and_checks_input():
+    from layerif.evaluate.stats import two_level_accuracy, two_level_log_perplexity
+
+    a, b = simulated_accuracy(np.random.default_rng(3))
+    result = two_level_accuracy(a, b, n_resamples=2000, seed=4)
+    assert result.estimate == pytest.approx(a.mean() - b.mean()) and result.n_items == 300
+    # accuracy is a mean with weight 1 per row: the log-perplexity version with one token per window
+    same = two_level_log_perplexity(a, b, np.ones(300), block=1, n_resamples=2000, seed=4)
+    assert (result.low, result.high, result.p_value, result.dof) == pytest.approx(
+        (same.low, same.high, same.p_value, same.dof))
+    better = two_level_accuracy(np.minimum(a + (b == 0) * 1.0, 1), b, n_resamples=500)
+    assert better.verdict(higher_is_better=True) == "better"
+    with pytest.raises(LayerIFError, match="at least 2 runs of 1 rows"):
+        two_level_accuracy([[1.0]], [[0.0]])
+    with pytest.raises(LayerIFError, match="paired seeds"):
+        two_level_accuracy(a[:2], b, paired=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from layerif.compare.units import UnitJob
 from layerif.errors import LayerIFError
 from layerif.outdir import OutputFolder
 
@@ -125,7 +126,7 @@ def _sha256(path: str | Path) -> str:
 
 
 @dataclass
-class ComparePruneJob:
+class ComparePruneJob(UnitJob):
     """Everything `layerif compare prune` needs (sizes default to the study of docs/compare.md)."""
 
     model: str
@@ -231,58 +232,51 @@ class ComparePruneJob:
             return [(seed % self.calib_seeds, seed) for seed in range(self.random_seeds)]
         return [(seed, 0) for seed in range(self.calib_seeds)]
 
-    def schedule(self) -> list[tuple[str, Callable, Arm | None]]:
+    def schedule(self) -> list[tuple[str, Callable, Callable[[str], bool] | None]]:
         """Every unit in run order: allocation by allocation as listed, each over all its seeds (its ε sweep
-        just before its first run), the dense model last; a stopped run has whole rows for the first ones."""
-        units: list[tuple[str, Callable, Arm | None]] = []
+        just before its first run), the dense model last; a stopped run has whole rows for the first ones.
+        A unit is stale when it was made with other scores than its allocation's run folder now holds."""
+        units: list[tuple[str, Callable, Callable[[str], bool] | None]] = []
         swept: set[str] = set()
         for arm in self.arms:
             source = self.epsilon_source(arm)
             if source is not None and source.token not in swept:
                 swept.add(source.token)
-                units += [(source.select_key(eps), self._select_thunk(source, eps), source) for eps in self.epsilons]
-            units += [(arm.test_key(calib_seed, place_seed), self._test_thunk(arm, calib_seed, place_seed), arm)
-                      for calib_seed, place_seed in self.runs_of(arm)]
+                units += [(source.select_key(eps), self._select_thunk(source, eps), self._stale(source))
+                          for eps in self.epsilons]
+            units += [(arm.test_key(calib_seed, place_seed), self._test_thunk(arm, calib_seed, place_seed),
+                       self._stale(arm)) for calib_seed, place_seed in self.runs_of(arm)]
         if self.dense:
             units.append(("dense", self._dense_unit, None))
         return units
 
-    # ---- running ----
-    def run(self):
-        """Run (or resume) every unit, then write the comparison into --out -> CompareResult."""
-        from tqdm.auto import tqdm
+    def _stale(self, arm: Arm) -> Callable[[str], bool]:
+        return lambda key: self.current(arm, key) is None
 
-        from layerif.compare.results import collect, write_outputs
-        from layerif.compare.units import UnitStore, machine_state
+    # ---- running (UnitJob.run) ----
+    def load(self):
         from layerif.models import load_model
 
-        folder = self.validate()
-        self._state = machine_state()
-        with folder:
-            self._loaded = load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet)
-            self._prepare_texts()
-            # --overwrite replaces --out; a separate units folder is a cache shared by comparisons: it stays
-            self.store = UnitStore(self.units or folder.checkpoint_dir, self.fingerprint(),
-                                   overwrite=self.overwrite and self.units is None)
-            self._dense_weights = {name: module.weight.detach().to("cpu", copy=True)
-                                   for name, module in self._matrices().items()}
-            units = self.schedule()
-            bar = tqdm(total=len(units), desc=f"compare {self.method} {self.sparsity:g}", unit="unit",
-                       disable=self.quiet)
-            for key, compute, arm in units:
-                bar.set_postfix_str(key)
-                if arm is not None and self.store.done(key) and self.current(arm, key) is None:
-                    self.store.drop(key)  # made with other scores than the run folder now holds
-                fresh = not self.store.done(key)
-                self.store.run(key, compute)
-                bar.update(1)
-                if fresh and self.on_unit is not None:
-                    self.on_unit(collect(self))
-            bar.close()
-            result = collect(self)
-            write_outputs(result, folder.staging)
-            folder.publish()
-        return result
+        return load_model(self.model, dtype=self.dtype, device=self.device, quiet=self.quiet)
+
+    def prepare(self) -> None:
+        self._prepare_texts()
+        self._dense_weights = {name: module.weight.detach().to("cpu", copy=True)
+                               for name, module in self._matrices().items()}
+
+    def progress_label(self) -> str:
+        return f"compare {self.method} {self.sparsity:g}"
+
+    def collect(self):
+        """The result from the units finished so far -> CompareResult."""
+        from layerif.compare.results import collect
+
+        return collect(self)
+
+    def write_outputs(self, result, folder: Path) -> None:
+        from layerif.compare.results import write_outputs
+
+        write_outputs(result, folder)
 
     def fingerprint(self) -> dict:
         """What decides every unit's numbers (allocations, seeds and the ε grid only decide which units run;

@@ -1,5 +1,8 @@
 """A comparison's result from its finished units: per-run rows, ε sweeps, verdicts, and the files of --out.
 
+Shared by the compare jobs: `pairwise` (every allocation against every later one), `table_lines` and
+`csv_text`; the rest is `layerif compare prune`'s (the MoE job's own result is in `layerif.compare.moe`).
+
 Verdicts compare every allocation with every later one in the --allocations list (the first, usually LayerIF,
 against all others). The interval is `two_level_log_perplexity` (seeds, then article blocks of windows); the
 single-level block interval, which treats the seeds' models as fixed, is kept beside it for reference.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +127,24 @@ def collect(job) -> CompareResult:
                          seconds=seconds)
 
 
+def pairwise(names: list[str], runs_of: Callable[[str], tuple[np.ndarray, list[int]]],
+             judge: Callable[[np.ndarray, np.ndarray, bool], dict]) -> list[dict]:
+    """Every allocation against every later one where both have runs (shared by the compare jobs).
+
+    `runs_of(name)` gives (seeds x items values, the seed of each run); `judge(a, b, paired)` the verdict's
+    numbers, `paired` being whether run k of both used seed k.
+    """
+    verdicts = []
+    for i, first in enumerate(names):
+        values_a, seeds_a = runs_of(first)
+        for second in names[i + 1 :]:
+            values_b, seeds_b = runs_of(second)
+            if seeds_a and seeds_b:
+                verdicts.append({"allocation": first, "baseline": second,
+                                 **judge(values_a, values_b, seeds_a == seeds_b)})
+    return verdicts
+
+
 def verdicts_of(arms: list[dict], runs: list[dict], windows: dict, length: int, block: int,
                 resamples: int) -> list[dict]:
     """Every allocation against every later one, where both have runs."""
@@ -133,30 +155,29 @@ def verdicts_of(arms: list[dict], runs: list[dict], windows: dict, length: int, 
         return (np.stack([windows[(name, r["calib_seed"], r["place_seed"], "test")] for r in mine]) if mine
                 else np.empty((0, 0)), [r["calib_seed"] for r in mine])
 
-    verdicts = []
-    for i, first in enumerate(arms):
-        nll_a, seeds_a = matrix(first["allocation"])
-        for second in arms[i + 1 :]:
-            nll_b, seeds_b = matrix(second["allocation"])
-            if not seeds_a or not seeds_b:
-                continue
-            tokens = np.full(nll_a.shape[1], length - 1.0)
-            paired = seeds_a == seeds_b  # run k of both used calibration seed k
-            two = two_level_log_perplexity(nll_a, nll_b, tokens, block=block, paired=paired, n_resamples=resamples)
-            one = compare_log_perplexity(nll_a, nll_b, tokens, block=block, n_resamples=resamples)
-            verdicts.append({"allocation": first["allocation"], "baseline": second["allocation"],
-                             "ratio": math.exp(two.estimate), "lo": math.exp(two.low), "hi": math.exp(two.high),
-                             "p": two.p_value, "reading": two.verdict(higher_is_better=False),
-                             "runs": [len(seeds_a), len(seeds_b)], "paired_seeds": paired, "dof": two.dof,
-                             "seed_share": two.seed_share,
-                             "one_level": {"ratio": math.exp(one.estimate), "lo": math.exp(one.low),
-                                           "hi": math.exp(one.high), "p": one.p_value,
-                                           "reading": one.verdict(higher_is_better=False)}})
-    return verdicts
+    def judge(nll_a: np.ndarray, nll_b: np.ndarray, paired: bool) -> dict:
+        tokens = np.full(nll_a.shape[1], length - 1.0)
+        two = two_level_log_perplexity(nll_a, nll_b, tokens, block=block, paired=paired, n_resamples=resamples)
+        one = compare_log_perplexity(nll_a, nll_b, tokens, block=block, n_resamples=resamples)
+        return {"ratio": math.exp(two.estimate), "lo": math.exp(two.low), "hi": math.exp(two.high),
+                "p": two.p_value, "reading": two.verdict(higher_is_better=False),
+                "runs": [len(nll_a), len(nll_b)], "paired_seeds": paired, "dof": two.dof,
+                "seed_share": two.seed_share,
+                "one_level": {"ratio": math.exp(one.estimate), "lo": math.exp(one.low), "hi": math.exp(one.high),
+                              "p": one.p_value, "reading": one.verdict(higher_is_better=False)}}
+
+    return pairwise([arm["allocation"] for arm in arms], matrix, judge)
 
 
 # ---- files ----
-def _csv(rows: list[dict]) -> str:
+def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows as CSV text (the first row's keys are the header)."""
     buffer = io.StringIO()
     if rows:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -237,8 +258,8 @@ def write_outputs(result: CompareResult, folder: Path) -> None:
     folder = Path(folder)
     atomic_write_json(folder / "compare.json", result.to_dict())
     atomic_write_text(folder / "compare.md", "\n".join(["# layerif compare prune", "", *markdown(result)]) + "\n")
-    atomic_write_text(folder / "runs.csv", _csv(run_rows(result)))
-    atomic_write_text(folder / "window_nll.csv", _csv(window_rows(result)))
+    atomic_write_text(folder / "runs.csv", csv_text(run_rows(result)))
+    atomic_write_text(folder / "window_nll.csv", csv_text(window_rows(result)))
 
 
 def load_compare(folder: str | Path) -> dict:
@@ -250,6 +271,9 @@ def load_compare(folder: str | Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise LayerIFError(f"{path}: not a readable compare.json ({exc})") from None
+    if isinstance(data, dict) and data.get("format") == "layerif.compare-moe/1":
+        raise LayerIFError(f"{path} is a `layerif compare moe` comparison, which the report does not render yet; "
+                           "read compare.md beside it")
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("verdicts"), list):
         raise LayerIFError(f"{path} was not written by `layerif compare`")
     return data

@@ -82,3 +82,51 @@ class UnitStore:
     def keys(self) -> list[str]:
         """Keys of every saved unit."""
         return sorted(name[len(PREFIX):] for name in self.checkpoint.units if name.startswith(PREFIX))
+
+
+def run_schedule(store: UnitStore, units: list[tuple[str, Callable, Callable[[str], bool] | None]], desc: str,
+                 quiet: bool = False, after_fresh: Callable[[], None] | None = None) -> None:
+    """Run (or take from `store`) every unit in order with a progress bar.
+
+    Each unit is (key, compute, stale): a saved unit for which `stale(key)` is true was made from other inputs
+    than the job now has and is recomputed; `after_fresh` runs after every unit computed here (not reused).
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(units), desc=desc, unit="unit", disable=quiet)
+    for key, compute, stale in units:
+        bar.set_postfix_str(key)
+        if stale is not None and store.done(key) and stale(key):
+            store.drop(key)
+        fresh = not store.done(key)
+        store.run(key, compute)
+        bar.update(1)
+        if fresh and after_fresh is not None:
+            after_fresh()
+    bar.close()
+
+
+class UnitJob:
+    """The run of a compare job: check, load the model, open the unit store, run every unit, write, publish.
+
+    A job (a dataclass) gives `validate()` -> OutputFolder, `load()`, `prepare()`, `fingerprint()`,
+    `schedule()`, `collect()` -> result, `write_outputs(result, folder)` and `progress_label()`, and has the
+    fields `units`, `overwrite`, `quiet` and `on_unit` (called with the partial result after each new unit).
+    """
+
+    def run(self):
+        """Run (or resume) every unit, then write the comparison into --out; the result."""
+        folder = self.validate()
+        self._state = machine_state()
+        with folder:
+            self._loaded = self.load()
+            self.prepare()
+            # --overwrite replaces --out; a separate units folder is a cache shared by comparisons: it stays
+            self.store = UnitStore(self.units or folder.checkpoint_dir, self.fingerprint(),
+                                   overwrite=self.overwrite and self.units is None)
+            after = None if self.on_unit is None else (lambda: self.on_unit(self.collect()))
+            run_schedule(self.store, self.schedule(), self.progress_label(), self.quiet, after)
+            result = self.collect()
+            self.write_outputs(result, folder.staging)
+            folder.publish()
+        return result

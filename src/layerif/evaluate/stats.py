@@ -14,9 +14,10 @@ Statistics: mean accuracy from per-row correctness (a list of tasks is averaged 
 task's rows resampled on their own), and log-perplexity from per-window NLL, token-weighted inside a resample:
 log ppl = Σ NLL / Σ tokens over the drawn windows; with `block`, runs of consecutive windows are the items.
 
-`two_level_log_perplexity` adds the variance between seeds (calibration or placement seeds), which resampling
-the windows alone never sees; see its docstring and docs/compare.md for why it is a t interval around a
-two-level bootstrap standard error rather than a percentile interval.
+`two_level_log_perplexity` and `two_level_accuracy` add the variance between seeds (calibration, placement or
+training seeds), which resampling the windows or rows alone never sees; see their docstrings and
+docs/compare.md for why it is a t interval around a two-level bootstrap standard error rather than a
+percentile interval.
 """
 
 from __future__ import annotations
@@ -173,10 +174,11 @@ def seed_spread(values) -> dict:
             "min": float(values.min()), "max": float(values.max()), "n": int(values.size)}
 
 
-def _blocks(runs: np.ndarray, tokens: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sum per-window NLL and tokens over runs of `block` consecutive windows (the last run may be shorter)."""
+def _blocks(runs: np.ndarray, weights: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum per-item values and weights (NLL and tokens) over runs of `block` consecutive items (the last may be
+    shorter)."""
     starts = np.arange(0, runs.shape[1], block)
-    return np.add.reduceat(runs, starts, axis=1), np.add.reduceat(tokens, starts)
+    return np.add.reduceat(runs, starts, axis=1), np.add.reduceat(weights, starts)
 
 
 def _seed_draws(rng, n_seeds: int, size: int) -> np.ndarray:
@@ -184,16 +186,16 @@ def _seed_draws(rng, n_seeds: int, size: int) -> np.ndarray:
     return rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=size) / n_seeds
 
 
-def _inflated(per_seed: np.ndarray, log_ppl: np.ndarray) -> np.ndarray:
-    """Per-resample per-seed log ppl with each seed's deviation from the seed mean scaled by sqrt(s / (s - 1)).
+def _inflated(per_seed: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per-resample per-seed statistic with each seed's deviation from the seed mean scaled by sqrt(s / (s - 1)).
 
     Resampling s seeds with replacement shrinks their variance by (s - 1) / s (by a third for 3 seeds); scaling
     the deviations undoes that, as the unbiased sample variance does.
     """
-    n_seeds = log_ppl.shape[0]
+    n_seeds = values.shape[0]
     if n_seeds < 2:
         return per_seed
-    deviation = log_ppl - log_ppl.mean()
+    deviation = values - values.mean()
     return per_seed + (np.sqrt(n_seeds / (n_seeds - 1)) - 1) * deviation[None, :]
 
 
@@ -221,46 +223,68 @@ def two_level_log_perplexity(nll_a, nll_b, tokens, *, block: int = 10, paired: b
     runs_a, runs_b, tokens = _group(nll_a, nll_b, tokens)
     if tokens is None:
         raise LayerIFError("need one positive token count per window")
+    return _two_level(runs_a, runs_b, tokens, block, paired, n_resamples, seed, confidence, "windows")
+
+
+def two_level_accuracy(a, b, *, block: int = 1, paired: bool | None = None, n_resamples: int = RESAMPLES,
+                       seed: int = 0, confidence: float = CONFIDENCE) -> Comparison:
+    """Mean accuracy A − B over training seeds x test rows, with an interval that sees seed and row variance.
+
+    `a` [s_a, n], `b` [s_b, n] (or one row list each): per-row correctness (0/1) of the same n test rows under
+    each training seed's model. The same two-level bootstrap as `two_level_log_perplexity` — seeds with
+    replacement (paired when run k of A and of B share training seed k), then rows (or runs of `block` rows)
+    with replacement, the same rows for A and B — and the same t interval around its standard error. The
+    estimate, interval and standard error are accuracy fractions (× 100 for points).
+    """
+    runs_a, runs_b, _ = _group(a, b)
+    return _two_level(runs_a, runs_b, np.ones(runs_a.shape[1]), block, paired, n_resamples, seed, confidence,
+                      "rows")
+
+
+def _two_level(runs_a: np.ndarray, runs_b: np.ndarray, weights: np.ndarray, block: int, paired: bool | None,
+               n_resamples: int, seed: int, confidence: float, items: str) -> Comparison:
+    """The two-level bootstrap t interval of a weighted mean, A − B (see `two_level_log_perplexity`)."""
     if block < 1:
         raise LayerIFError(f"block must be >= 1, got {block}")
     if n_resamples < 2 or not 0 < confidence < 1:
         raise LayerIFError("need n_resamples >= 2 and a confidence inside (0, 1)")
-    blocks_a, block_tokens = _blocks(runs_a, tokens, block)
-    blocks_b, _ = _blocks(runs_b, tokens, block)
-    n_blocks = block_tokens.size
+    blocks_a, block_weights = _blocks(runs_a, weights, block)
+    blocks_b, _ = _blocks(runs_b, weights, block)
+    n_blocks = block_weights.size
     if n_blocks < 2:
-        raise LayerIFError(f"need at least 2 runs of {block} windows to bootstrap, got {n_blocks}")
+        raise LayerIFError(f"need at least 2 runs of {block} {items} to bootstrap, got {n_blocks}")
     if paired is None:
         paired = runs_a.shape[0] == runs_b.shape[0]
     if paired and runs_a.shape[0] != runs_b.shape[0]:
         raise LayerIFError(f"paired seeds need as many runs of A as of B ({runs_a.shape[0]} vs {runs_b.shape[0]})")
-    log_a = runs_a.sum(axis=1) / tokens.sum()  # each seed's log ppl on the whole test text
-    log_b = runs_b.sum(axis=1) / tokens.sum()
-    estimate = float(log_a.mean() - log_b.mean())
+    mean_a = runs_a.sum(axis=1) / weights.sum()  # each seed's statistic on all the items
+    mean_b = runs_b.sum(axis=1) / weights.sum()
+    estimate = float(mean_a.mean() - mean_b.mean())
     rng = np.random.default_rng(seed)
-    draws, window_only = [], []
+    draws, item_only = [], []
     for first in range(0, n_resamples, _CHUNK):
         size = min(_CHUNK, n_resamples - first)
         counts = rng.multinomial(n_blocks, np.full(n_blocks, 1.0 / n_blocks), size=size).astype(np.float64)
-        denominator = (counts @ block_tokens)[:, None]
-        per_seed_a = _inflated(counts @ blocks_a.T / denominator, log_a)  # [size, s_a]
-        per_seed_b = _inflated(counts @ blocks_b.T / denominator, log_b)
+        denominator = (counts @ block_weights)[:, None]
+        per_seed_a = _inflated(counts @ blocks_a.T / denominator, mean_a)  # [size, s_a]
+        per_seed_b = _inflated(counts @ blocks_b.T / denominator, mean_b)
         weights_a = _seed_draws(rng, runs_a.shape[0], size)
         weights_b = weights_a if paired else _seed_draws(rng, runs_b.shape[0], size)
         draws.append((per_seed_a * weights_a).sum(axis=1) - (per_seed_b * weights_b).sum(axis=1))
-        # the seeds' deviations sum to 0, so this is the windows-only resample of the seed-averaged difference
-        window_only.append(per_seed_a.mean(axis=1) - per_seed_b.mean(axis=1))
-    draws, window_only = np.concatenate(draws), np.concatenate(window_only)
+        # the seeds' deviations sum to 0, so this is the items-only resample of the seed-averaged difference
+        item_only.append(per_seed_a.mean(axis=1) - per_seed_b.mean(axis=1))
+    draws, item_only = np.concatenate(draws), np.concatenate(item_only)
     standard_error = float(draws.std(ddof=1))
     # the two parts of the variance and their degrees of freedom (Welch-Satterthwaite)
-    window_var = float(window_only.var(ddof=1))
-    seed_parts = [log_a - log_b] if paired else [log_a, log_b]
-    parts = [(float(np.var(log, ddof=1)) / log.size, log.size - 1) for log in seed_parts if log.size >= 2]
-    parts.append((window_var, n_blocks - 1))
+    item_var = float(item_only.var(ddof=1))
+    seed_parts = [mean_a - mean_b] if paired else [mean_a, mean_b]
+    parts = [(float(np.var(values, ddof=1)) / values.size, values.size - 1) for values in seed_parts
+             if values.size >= 2]
+    parts.append((item_var, n_blocks - 1))
     total = sum(v for v, _ in parts)
     denominator_df = sum(v * v / d for v, d in parts)
     dof = float(total * total / denominator_df) if denominator_df > 0 else float(n_blocks - 1)
-    seed_share = float(1 - window_var / total) if total > 0 else 0.0
+    seed_share = float(1 - item_var / total) if total > 0 else 0.0
     if standard_error == 0:
         return Comparison(estimate, estimate, estimate, 1.0 if estimate == 0 else 0.0, int(n_blocks),
                           n_resamples, confidence, 0.0, dof, seed_share)

@@ -88,14 +88,50 @@ def activation_bytes_per_token(model: nn.Module, item: dict, pad_id: int) -> flo
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             set_token_mask(model, batch["attention_mask"].bool())
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                               batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-            del logits, loss
+            loss = token_loss(model, batch)
+            del loss
     finally:
         set_token_mask(model, None)
         model.train(was_training)
     return sum(saved.values()) / batch["input_ids"].numel()
+
+
+def separable_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(body, head) when the logits are exactly head(body(...) hidden states); None for any other model."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or body is None or body is model:
+        return None
+    config = getattr(model, "config", None)
+    # models that soft-cap or scale their logits after the head: the full forward is the only exact one
+    if getattr(config, "final_logit_softcapping", None) or any(
+            getattr(config, name, 1.0) not in (None, 1.0) for name in ("logit_scale", "logits_scaling")):
+        return None
+    return body, head
+
+
+def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], full_head: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions of a batch.
+
+    The LM head runs only at the labelled positions (with the answer-only loss, a few per row instead of every
+    position of the vocabulary-wide head); `full_head`, or a model whose head cannot be split off, computes the
+    logits everywhere as the model's own forward does. Both give the same loss and gradients.
+    """
+    targets = batch["labels"][:, 1:]
+    split = None if full_head else separable_head(model)
+    if split is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return nn.functional.cross_entropy(_at_least_float32(logits[:, :-1]).reshape(-1, logits.shape[-1]),
+                                           targets.reshape(-1), ignore_index=-100, reduction="sum")
+    body, head = split
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    keep = targets != -100
+    logits = head(hidden[:, :-1][keep])
+    return nn.functional.cross_entropy(_at_least_float32(logits), targets[keep], reduction="sum")
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def memory_budget(max_memory: int | str | None) -> int:
@@ -232,15 +268,9 @@ def train_moe(model: nn.Module, tokenizer, rows: list[dict], config: TrainConfig
                     micro = _collate(batch_items[micro_first : micro_first + micro_batch_size], pad_id)
                     micro = {key: value.to(device) for key, value in micro.items()}
                     set_token_mask(model, micro["attention_mask"].bool())
-                    logits = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]).logits
                     # Sum over tokens, divided by the tokens of the whole step: every token weighs the same
                     # whatever micro-batch it lands in.
-                    loss = nn.functional.cross_entropy(
-                        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                        micro["labels"][:, 1:].reshape(-1),
-                        ignore_index=-100,
-                        reduction="sum",
-                    ) / max(1, n_tokens)
+                    loss = token_loss(model, micro) / max(1, n_tokens)
                     balance = aux_loss(model)
                     if balance is not None:
                         share = len(micro["input_ids"]) / len(batch_items)
