@@ -9,7 +9,9 @@ drawn for calibration); test on the first 200 windows of 512 tokens of WikiText-
 beat depth, a second comparison runs the variants S_top25, the `identity` estimator profile and a
 `--modules attn` profile against LayerIF and depth (sharing their finished units).
 
-Every unit is kept under runs/bench-pruning-full/units-<setting>/, so a stopped study resumes; after each unit
+Every unit (its per-window NLL and JSON record) and the 300 x 50 scores are kept under
+bench/results/pruning_full/, which is committed: a stopped study resumes there, in a later session or on a new
+machine (only the Wanda masks, big and recomputable, stay out of git). After each unit
 bench/results/pruning_full.md, .csv and .png are rewritten from everything finished (partial tables marked).
 """
 
@@ -22,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "bench" / "results"
-WORK = REPO / "runs" / "bench-pruning-full"
+WORK = RESULTS / "pruning_full"  # committed, so the study outlives a machine
+SMOKE_WORK = REPO / "runs" / "bench-pruning-full-smoke"
 STEM = "pruning_full"
 SETTINGS = (("wanda", 0.7), ("sparsegpt", 0.7), ("wanda", 0.6))
 MAIN = "layerif,depth,random,uniform,owl,alphapruning"
@@ -71,7 +74,7 @@ class Study:
 
     def __init__(self, smoke: bool = False, model: str = "smollm2-135m", work: Path | None = None):
         self.smoke, self.model = smoke, model
-        self.work = work or (WORK.with_name(WORK.name + "-smoke") if smoke else WORK)
+        self.work = work or (SMOKE_WORK if smoke else WORK)
         self.results = self.work if smoke else RESULTS  # a smoke report is not a result
         self.sizes = SMOKE if smoke else SIZES
         self.latest: dict[str, object] = {}  # comparison folder -> its latest (maybe partial) result
