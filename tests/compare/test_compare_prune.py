@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import torch
 
 from layerif.scores import LayerScores
 from tests.conftest import tiny_texts
-from tests.helpers import run_cli, save_tiny_model
+from tests.helpers import kill_after_units, run_cli, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -116,35 +112,8 @@ def test_api_gives_the_same_numbers_and_a_table(setup, finished):
 
 def test_resume_after_sigkill_gives_the_same_table(setup, finished, tmp_path):
     out = tmp_path / "killed"
-    # a child that runs the comparison slowly (the pause is in the test's callback, not in the product)
-    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-              "from pathlib import Path\n"
-              "from layerif.compare import ComparePruneJob\n"
-              "from tests.compare.test_compare_prune import sizes\n"
-              f"ComparePruneJob(out={str(out)!r}, allocations='layerif,depth,random,uniform,owl,alphapruning', "
-              f"on_unit=lambda result: time.sleep(0.5), **sizes(Path({str(setup)!r}))).run()\n")
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
-    manifest = out / ".checkpoint" / "manifest.json"
-    deadline = time.monotonic() + 600  # generous: a loaded machine makes the child slow, never wrong
-    units = 0
-    while time.monotonic() < deadline and child.poll() is None:
-        if manifest.is_file():
-            try:
-                units = sum(name.startswith("compare-test") for name in json.loads(manifest.read_text())["units"])
-            except (ValueError, KeyError):
-                units = 0
-            if units >= 2:
-                break
-        time.sleep(0.02)
-    alive = child.poll() is None
-    if alive:
-        os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert alive, "the comparison finished before it could be killed"
-    assert units >= 2, "no two test units were saved in time"
-    assert not (out / "compare.json").exists()
-    kept = json.loads(manifest.read_text())["units"]
-    assert sum(name.startswith("compare-test") for name in kept) >= 2
+    kill_after_units("ComparePruneJob", "tests.compare.test_compare_prune", out, setup, "compare-test",
+                     "allocations='layerif,depth,random,uniform,owl,alphapruning', ")
     assert run_cli(*cli_args(setup, out)) == 0
     assert stable(json.loads((out / "compare.json").read_text())) == stable(
         json.loads((finished / "compare.json").read_text()))
@@ -221,3 +190,20 @@ def test_a_units_folder_is_shared_and_units_of_changed_scores_are_recomputed(set
     recomputed = {key for key in third.store.computed if not key.startswith("mask-")}
     assert recomputed == {"select-layerif-e0.1", "select-layerif-e0.3", "test-layerif-c0-r0"}
     assert "test-depth-c0-r0" not in third.store.computed
+
+
+def test_a_grid_that_moves_the_chosen_epsilon_redoes_the_runs_pruned_at_the_old_one(setup, tmp_path):
+    from layerif.compare import ComparePruneJob
+
+    args = {**sizes(setup), "calib_seeds": 1, "random_seeds": 1}
+    first = ComparePruneJob(out=str(tmp_path / "a"), allocations="layerif,uniform", units=str(tmp_path / "units"),
+                            **args)
+    chosen = first.run().arms[0]["epsilon"]
+    other = 0.3 if chosen == 0.1 else 0.1
+    # a grid holding only the ε that lost: the sweep now chooses it, so LayerIF's run at the old ε is stale
+    second = ComparePruneJob(out=str(tmp_path / "b"), allocations="layerif,uniform", units=str(tmp_path / "units"),
+                             **{**args, "epsilon_grid": f"{other:g}"})
+    result = second.run()
+    assert "test-layerif-c0-r0" in second.store.computed and "test-uniform-c0-r0" not in second.store.computed
+    layerif_runs = [run for run in result.runs if run["allocation"] == "layerif"]
+    assert [run["epsilon"] for run in layerif_runs] == [other]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerif.compare.units import UnitJob
+from layerif.compare.units import UnitJob, allocation_tokens
 from layerif.errors import LayerIFError
 from layerif.outdir import OutputFolder
 
@@ -59,11 +59,7 @@ def parse_moe_arms(allocations: str, default_score: str) -> list[MoEArm]:
     """Allocation tokens (comma-separated) -> arms; one clear error for a bad name."""
     from layerif.scores import AGGREGATIONS
 
-    tokens = [token.strip() for token in str(allocations).split(",") if token.strip()]
-    if len(tokens) < 2:
-        raise LayerIFError(f"--allocations needs at least two allocations to compare, got {allocations!r}")
-    if len(set(tokens)) != len(tokens):
-        raise LayerIFError(f"--allocations lists an allocation twice: {allocations!r}")
+    tokens = allocation_tokens(allocations)
     arms = []
     for token in tokens:
         base, _, aggregation = token.partition(":")

@@ -9,7 +9,6 @@ the output folder's checkpoint, so a run killed at any moment resumes where it s
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -19,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerif.compare.units import UnitJob
+from layerif.compare.units import UnitJob, allocation_tokens
 from layerif.errors import LayerIFError
+from layerif.io import file_sha256
 from layerif.outdir import OutputFolder
 
 OUTPUTS = ("compare.json", "compare.md", "runs.csv", "window_nll.csv")
@@ -68,11 +68,7 @@ def parse_arms(allocations: str, default_score: str, labels: set[str]) -> list[A
     from layerif.allocate.sparsity import ALLOCATIONS
     from layerif.scores import AGGREGATIONS
 
-    tokens = [token.strip() for token in str(allocations).split(",") if token.strip()]
-    if len(tokens) < 2:
-        raise LayerIFError(f"--allocations needs at least two allocations to compare, got {allocations!r}")
-    if len(set(tokens)) != len(tokens):
-        raise LayerIFError(f"--allocations lists an allocation twice: {allocations!r}")
+    tokens = allocation_tokens(allocations)
     arms = []
     for token in tokens:
         rest, _, label = token.partition("@")
@@ -115,14 +111,6 @@ def parse_scores(entries) -> dict[str, str]:
             raise LayerIFError(f"--scores names {label!r} twice")
         result[label] = run
     return result
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -235,7 +223,8 @@ class ComparePruneJob(UnitJob):
     def schedule(self) -> list[tuple[str, Callable, Callable[[str], bool] | None]]:
         """Every unit in run order: allocation by allocation as listed, each over all its seeds (its ε sweep
         just before its first run), the dense model last; a stopped run has whole rows for the first ones.
-        A unit is stale when it was made with other scores than its allocation's run folder now holds."""
+        A unit is stale when it was made with other scores than its allocation's run folder now holds, and a
+        test unit also when it was pruned at another ε than the sweep now chooses."""
         units: list[tuple[str, Callable, Callable[[str], bool] | None]] = []
         swept: set[str] = set()
         for arm in self.arms:
@@ -245,7 +234,8 @@ class ComparePruneJob(UnitJob):
                 units += [(source.select_key(eps), self._select_thunk(source, eps), self._stale(source))
                           for eps in self.epsilons]
             units += [(arm.test_key(calib_seed, place_seed), self._test_thunk(arm, calib_seed, place_seed),
-                       self._stale(arm)) for calib_seed, place_seed in self.runs_of(arm)]
+                       lambda key, arm=arm: self.current_test(arm, key) is None)
+                      for calib_seed, place_seed in self.runs_of(arm)]
         if self.dense:
             units.append(("dense", self._dense_unit, None))
         return units
@@ -282,8 +272,8 @@ class ComparePruneJob(UnitJob):
         """What decides every unit's numbers (allocations, seeds and the ε grid only decide which units run;
         the scores of an allocation are checked per unit, so a variant on new scores can join a folder)."""
         return {"format": "layerif.compare-prune/1", "model": self._loaded.source, "dtype": str(self._dtype()),
-                "method": self.method, "sparsity": self.sparsity, "calib": _sha256(self.calib),
-                "test": _sha256(self.test), "valid": _sha256(self.valid) if self.valid else None,
+                "method": self.method, "sparsity": self.sparsity, "calib": file_sha256(self.calib),
+                "test": file_sha256(self.test), "valid": file_sha256(self.valid) if self.valid else None,
                 "valid_windows": self.valid_windows, "test_windows": self.test_windows,
                 "window_length": self.window_length, "calib_sequences": self.calib_sequences,
                 "calib_length": self.calib_length}
@@ -294,7 +284,7 @@ class ComparePruneJob(UnitJob):
             return {}
         digests = self.__dict__.setdefault("_digests", {})
         if arm.scores_label not in digests:
-            digests[arm.scores_label] = _sha256(Path(self.score_runs[arm.scores_label]) / "influence.safetensors")
+            digests[arm.scores_label] = file_sha256(Path(self.score_runs[arm.scores_label]) / "influence.safetensors")
         return {"scores_sha256": digests[arm.scores_label]}
 
     def _dtype(self):
@@ -433,6 +423,12 @@ class ComparePruneJob(UnitJob):
             return None
         expected = self.scores_digest(arm)
         return saved if all(saved[0].get(k) == v for k, v in expected.items()) else None
+
+    def current_test(self, arm: Arm, key: str):
+        """A finished test unit of `arm` made with its present scores at the ε its sweep now chooses, else None
+        (a wider --epsilon-grid can move the choice; runs pruned at the old ε are then redone)."""
+        saved = self.current(arm, key)
+        return saved if saved is not None and saved[0].get("epsilon") == self.chosen_epsilon(arm) else None
 
     def _test_thunk(self, arm: Arm, calib_seed: int, place_seed: int) -> Callable:
         def compute():

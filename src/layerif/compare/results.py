@@ -92,7 +92,7 @@ def collect(job) -> CompareResult:
                      "epsilon": epsilon, "epsilon_from": None if source is None else source.token,
                      "valid_ppl": sweep.get(f"{epsilon:g}") if epsilon is not None else None, "sweep": sweep})
         for calib_seed, place_seed in job.runs_of(arm):
-            saved = job.current(arm, arm.test_key(calib_seed, place_seed))
+            saved = job.current_test(arm, arm.test_key(calib_seed, place_seed))
             if saved is None:
                 continue
             record, arrays = saved

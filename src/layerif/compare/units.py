@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from layerif.checkpoint import Checkpoint
+from layerif.errors import LayerIFError
 
 PREFIX = "compare-"  # unit files are named compare-<key>.safetensors (see checkpoint_files)
 
@@ -39,6 +40,16 @@ def machine_state() -> dict:
     except ImportError:
         pass
     return state
+
+
+def allocation_tokens(allocations: str) -> list[str]:
+    """The comma-separated names of --allocations: at least two, none twice (else one clear error)."""
+    tokens = [token.strip() for token in str(allocations).split(",") if token.strip()]
+    if len(tokens) < 2:
+        raise LayerIFError(f"--allocations needs at least two allocations to compare, got {allocations!r}")
+    if len(set(tokens)) != len(tokens):
+        raise LayerIFError(f"--allocations lists an allocation twice: {allocations!r}")
+    return tokens
 
 
 class UnitStore:

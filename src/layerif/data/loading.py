@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from layerif.errors import LayerIFError
+from layerif.io import file_sha256  # noqa: F401 - layerif.data.file_sha256 (run.json ties a run to its data)
 
 TEXT_FIELDS = ("instruction", "input", "output")
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (recorded in run.json so a run can be tied to its data)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_file(path: Path) -> list[dict]:
