@@ -160,3 +160,61 @@ def snapshot(root: Path) -> dict[str, tuple]:
             else:
                 state[key] = ("file", path.read_bytes(), path.stat().st_mode)
     return state
+
+
+def kill_after_units(job_class: str, test_module: str, out: Path, setup: Path, prefix: str, extra: str = "") -> None:
+    """Run `job_class(out=..., **sizes(setup))` in a child slowed by its on_unit callback, SIGKILL it once two
+    units named `prefix...` are in its checkpoint manifest, and check it was killed before publishing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    # the pause is in the test's callback, not in the product
+    script = (f"import sys, time; sys.path.insert(0, {str(repo)!r})\n"
+              "from pathlib import Path\n"
+              f"from layerif.compare import {job_class}\n"
+              f"from {test_module} import sizes\n"
+              f"{job_class}(out={str(out)!r}, {extra}on_unit=lambda result: time.sleep(0.5), "
+              f"**sizes(Path({str(setup)!r}))).run()\n")
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=repo)
+    manifest = out / ".checkpoint" / "manifest.json"
+    deadline = time.monotonic() + 600  # generous: a loaded machine makes the child slow, never wrong
+    units = 0
+    while time.monotonic() < deadline and child.poll() is None:
+        if manifest.is_file():
+            try:
+                units = sum(name.startswith(prefix) for name in json.loads(manifest.read_text())["units"])
+            except (ValueError, KeyError):
+                units = 0
+            if units >= 2:
+                break
+        time.sleep(0.02)
+    alive = child.poll() is None
+    if alive:
+        os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert alive, "the comparison finished before it could be killed"
+    assert units >= 2, f"no two {prefix} units were saved in time"
+    assert not (out / "compare.json").exists()
+
+
+BLOCK_MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj"]
+
+
+def write_command_inputs(root: Path, layers: int, n_train: int, n_val: int, calib_lines: int) -> Path:
+    """A tiny Llama, train/val rows, a calibration text and made-up layer scores: every command's inputs."""
+    from layerif.scores import LayerScores
+    from tests.conftest import tiny_texts
+
+    save_tiny_model(root / "model", layers=layers)
+    write_jsonl(root / "train.jsonl", instruction_rows(n_train, seed=1))
+    write_jsonl(root / "val.jsonl", instruction_rows(n_val, seed=2))
+    (root / "calib.txt").write_text("\n".join(tiny_texts(calib_lines, seed=4)))
+    q = torch.randn(layers, n_train, generator=torch.Generator().manual_seed(0))
+    LayerScores(q=q, module_names=BLOCK_MATRICES, q_modules=q.unsqueeze(1).repeat(1, 7, 1) / 7,
+                n_params=[15360] * layers, n_val=n_val).save(root / "scores")
+    return root

@@ -11,28 +11,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
-from layerif.scores import LayerScores
-from tests.conftest import tiny_texts
 from tests.faults import Faults, expected_exit, sample
-from tests.helpers import instruction_rows, run_cli, save_tiny_model, snapshot, write_jsonl
-
-NAMES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-         "mlp.up_proj", "mlp.down_proj"]
+from tests.helpers import run_cli, snapshot, write_command_inputs
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    save_tiny_model(root / "model", layers=2)
-    write_jsonl(root / "train.jsonl", instruction_rows(8, seed=1))
-    write_jsonl(root / "val.jsonl", instruction_rows(3, seed=2))
-    (root / "calib.txt").write_text("\n".join(tiny_texts(60, seed=4)))
-    q = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
-    LayerScores(q=q, module_names=NAMES, q_modules=q.unsqueeze(1).repeat(1, 7, 1) / 7, n_params=[15360] * 2,
-                n_val=3).save(root / "scores")
-    return root
+    return write_command_inputs(tmp_path_factory.mktemp("faults"), 2, 8, 3, 60)
 
 
 def command(name: str, root: Path, out: Path) -> list[str]:

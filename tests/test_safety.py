@@ -19,26 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerif.scores import LayerScores
 from tests.conftest import tiny_texts
 from tests.faults import BAD_MODEL_FILES, plant_pickle
-from tests.helpers import instruction_rows, run_cli, save_tiny_model, snapshot, write_jsonl
-
-NAMES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-         "mlp.up_proj", "mlp.down_proj"]
+from tests.helpers import (
+    instruction_rows,
+    run_cli,
+    save_tiny_model,
+    snapshot,
+    write_command_inputs,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")
 def t(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safety")
-    save_tiny_model(root / "model", layers=3)
-    write_jsonl(root / "train.jsonl", instruction_rows(12, seed=1))
-    write_jsonl(root / "val.jsonl", instruction_rows(4, seed=2))
-    (root / "calib.txt").write_text("\n".join(tiny_texts(200, seed=4)))
-    q = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
-    LayerScores(q=q, module_names=NAMES, q_modules=q.unsqueeze(1).repeat(1, 7, 1) / 7, n_params=[15360] * 3,
-                n_val=4).save(root / "scores")
-    return root
+    return write_command_inputs(tmp_path_factory.mktemp("safety"), 3, 12, 4, 200)
 
 
 def score(t, out, *extra):

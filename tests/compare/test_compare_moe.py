@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import pytest
 
 from layerif.errors import LayerIFError
 from tests.conftest import tiny_texts
-from tests.helpers import save_tiny_model, write_jsonl
+from tests.helpers import kill_after_units, save_tiny_model, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 ALLOCATIONS = "layerif,depth,random,uniform,plain-lora,mola-2468,alphalora"
@@ -113,33 +109,8 @@ def test_every_output_and_a_verdict_per_pair(finished):
 
 def test_resume_after_sigkill_gives_the_same_table(setup, finished, tmp_path):
     out = tmp_path / "killed"
-    # a child that runs the comparison slowly (the pause is in the test's callback, not in the product)
-    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-              "from pathlib import Path\n"
-              "from layerif.compare import CompareMoEJob\n"
-              "from tests.compare.test_compare_moe import ALLOCATIONS, sizes\n"
-              f"CompareMoEJob(out={str(out)!r}, allocations=ALLOCATIONS, on_unit=lambda result: time.sleep(0.5), "
-              f"**sizes(Path({str(setup)!r}))).run()\n")
-    child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
-    manifest = out / ".checkpoint" / "manifest.json"
-    deadline = time.monotonic() + 600  # generous: a loaded machine makes the child slow, never wrong
-    units = 0
-    while time.monotonic() < deadline and child.poll() is None:
-        if manifest.is_file():
-            try:
-                units = sum(name.startswith("compare-run") for name in json.loads(manifest.read_text())["units"])
-            except (ValueError, KeyError):
-                units = 0
-            if units >= 2:
-                break
-        time.sleep(0.02)
-    alive = child.poll() is None
-    if alive:
-        os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert alive, "the comparison finished before it could be killed"
-    assert units >= 2, "no two runs were saved in time"
-    assert not (out / "compare.json").exists()
+    kill_after_units("CompareMoEJob", "tests.compare.test_compare_moe", out, setup, "compare-run",
+                     "allocations=" + repr(ALLOCATIONS) + ", ")
     from layerif.compare import CompareMoEJob
 
     job = CompareMoEJob(out=str(out), allocations=ALLOCATIONS, **sizes(setup))
