@@ -9,10 +9,13 @@ matrix) is listed too.
 By default all estimators score one gradient capture (`layerif score --estimator a,b,...`): one spill-to-disk
 pass, then every matrix's factors go through each estimator in turn, each estimator's step timed on its own.
 A user's `layerif score --estimator X` costs about the capture plus X's step. `--separate-runs` makes one
-full scoring run per estimator instead (what the first reduced-size table used).
+full scoring run per estimator instead (what the first reduced-size table used). `--peer` adds kronfluence's
+identity and EK-FAC (bench/agreement_peer.py; `pip install torch==2.13.0 -e ".[peer]"`) as kf-identity and
+kf-ekfac rows of the same tables.
 
     python bench/agreement.py                                     # 300 x 50, mrpc + openbookqa (about 1.5 h on 2 cores)
     python bench/agreement.py --n-train 16 --n-val 4 --out /tmp/agreement.md     # smoke size
+    python bench/agreement.py --peer --tasks mrpc --out bench/results/agreement_peer.md  # with kronfluence
 """
 
 from __future__ import annotations
@@ -101,8 +104,10 @@ def score_task(model, tokenizer, task: str, estimators: list[str], sizes: tuple[
 
 def agreement_tables(task: str, results: dict) -> list[str]:
     """Markdown for one task: profile and per-sample Spearman matrices, times, top layers."""
+    from layerif.scores import s_pos
+
     names = list(results)
-    profiles = {name: results[name]["q"].clamp(min=0).sum(1) for name in names}
+    profiles = {name: s_pos(results[name]["q"]) for name in names}
     lines = [f"## {task}", "", "Spearman of S_pos layer profiles (upper) and mean per-block Spearman of per-sample q "
              "(lower):", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for i, a in enumerate(names):
@@ -145,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="most LiSSA steps per matrix (default: the engine's, with its convergence tolerance)")
     parser.add_argument("--separate-runs", action="store_true",
                         help="one full scoring run per estimator instead of one shared gradient capture")
+    parser.add_argument("--peer", action="store_true",
+                        help="also score with kronfluence (identity, EK-FAC) when it is installed")
+    parser.add_argument("--peer-query-batch", type=int, default=10,
+                        help="validation rows per kronfluence query batch (each batch is one pass over the "
+                             "training rows; its preconditioned gradients take 4 bytes x parameters per row)")
     args = parser.parse_args(argv)
     tasks = [task for task in args.tasks.split(",") if task]
     missing = [task for task in tasks if not (DATA / task / "train.jsonl").is_file()]
@@ -166,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"batch_size": args.batch_size, "max_memory": args.max_memory, "lissa_depth": args.lissa_depth}
     sizes = (args.n_train, args.n_val)
     work = Path(args.work)
+    peer = _peer(args.peer)
+    if peer is not None:
+        lines += [peer.describe(args.peer_query_batch), ""]
     for task in tasks:
         saved = work / f"{task}-{args.n_train}x{args.n_val}-{'-'.join(estimators)}-lissa{args.lissa_depth or 'default'}.pt"
         if saved.is_file():
@@ -179,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True, exist_ok=True)
             torch.save(results, saved.with_suffix(".tmp"))
             saved.with_suffix(".tmp").replace(saved)
-        lines += agreement_tables(task, results["estimators"])
+        estimators_here = dict(results["estimators"])
+        if peer is not None:
+            estimators_here |= peer.cached_entries(loaded.model, loaded.tokenizer, task_rows(task, sizes), settings,
+                                                   args.peer_query_batch, work / f"{task}-{args.n_train}x{args.n_val}")
+        lines += agreement_tables(task, estimators_here)
         if "capture_seconds" in results:
             lines[-1:-1] = ["", f"One run: {results['run_seconds']:.1f} s, of which capture and spill "
                             f"{results['capture_seconds']:.1f} s."]
@@ -187,6 +204,21 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(Path(args.out), "\n".join(lines))  # a finished task is kept if a later one fails
     print("\n".join(lines))
     return 0
+
+
+def _peer(wanted: bool):
+    """bench/agreement_peer.py when --peer is given and kronfluence imports; else None (saying why, on one line)."""
+    if not wanted:
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import agreement_peer
+
+    why = agreement_peer.kronfluence_missing()
+    if why is not None:
+        print(f"--peer: kronfluence not used ({why}); install it with: pip install torch==2.13.0 -e \".[peer]\"",
+              flush=True)
+        return None
+    return agreement_peer
 
 
 if __name__ == "__main__":
