@@ -35,7 +35,9 @@ def write_study(folder: Path, stem: str, results: dict, command: str, started: s
     compute_h = sum(r.seconds for r in results.values()) / 3600
     lines = [f"# Pruning study — {stem}", "",
              f"Command: `{command}`. This invocation started {started}, {wall_s / 3600:.2f} h ago; compute time of "
-             f"the finished units {compute_h:.2f} h. Machine: {machine_line(results) if results else 'n/a'}.", ""]
+             f"the finished units {compute_h:.2f} h (wall-clock seconds per unit, over every session that ran one; other "
+             f"work on the machine counts in them, see the load averages). "
+             f"Machine: {machine_line(results) if results else 'n/a'}.", ""]
     if not complete:
         lines += ["**Partial tables**: the study has not finished; every number below is final for the runs it "
                   "shows, missing rows are still to run.", ""]

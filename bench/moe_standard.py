@@ -17,7 +17,8 @@ answer tokens only (the LM head only at those positions), label log-likelihood o
 
 Stages, each a `layerif compare moe` run sharing one units folder per task (later stages reuse earlier runs):
 the core four at 3 seeds on every kept task, then every allocation at seed 0, then every allocation at 3
-seeds. Every unit is kept under runs/bench-moe-standard/, so a stopped study resumes; after each unit
+seeds. Every unit (per-row correctness and its record) is kept under bench/results/moe_standard/, which is
+committed, so a stopped study resumes in a later session or on a new machine; after each unit
 bench/results/moe_standard.md, .csv and .png are rewritten from everything finished (partial tables marked).
 """
 
@@ -30,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "moe"
 RESULTS = REPO / "bench" / "results"
-WORK = REPO / "runs" / "bench-moe-standard"
+WORK = RESULTS / "moe_standard"  # committed, so the study outlives a machine
+SMOKE_WORK = REPO / "runs" / "bench-moe-standard-smoke"
 STEM = "moe_standard"
 TASKS = ("rte", "scienceqa", "openbookqa", "commonsenseqa", "cola", "mrpc")  # not yet screened first
 CORE = "layerif,depth,random,uniform"
@@ -50,7 +52,7 @@ class Study:
                  data: Path = DATA, tasks=TASKS, keep_all: bool = False):
         self.smoke, self.model, self.data, self.tasks = smoke, model, Path(data), tuple(tasks)
         self.keep_all = keep_all  # smoke only: run the comparisons whatever the screen says
-        self.work = work or (WORK.with_name(WORK.name + "-smoke") if smoke else WORK)
+        self.work = work or (SMOKE_WORK if smoke else WORK)
         self.results = self.work if smoke else RESULTS  # a smoke report is not a result
         self.sizes, self.screen_sizes = (SMOKE, SMOKE_SCREEN) if smoke else (SIZES, SCREEN)
         self.stages = SMOKE_STAGES if smoke else STAGES
