@@ -25,6 +25,7 @@ bench/results/moe_standard.md, .csv and .png are rewritten from everything finis
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -43,6 +44,11 @@ SCREEN = dict(steps=400, curve_every=50, n_val=200)
 SMOKE = dict(batch_size=2, n_test=6, n_train=16, score_train=6, score_val=3, resamples=300)
 SMOKE_SCREEN = dict(steps=4, curve_every=2, n_val=6)
 SMOKE_STAGES = (("core", CORE, 2), ("all-s1", ALL, 1))
+
+
+def here(path: Path) -> str:
+    """`path` relative to the working directory: the committed records name no machine's folders."""
+    return os.path.relpath(path)
 
 
 class Study:
@@ -64,7 +70,7 @@ class Study:
     def job(self, task: str, folder: str, **arguments):
         from layerif.compare import CompareMoEJob
 
-        return CompareMoEJob(model=self.model, task=str(self.data / task), out=str(self.work / folder),
+        return CompareMoEJob(model=self.model, task=here(self.data / task), out=here(self.work / folder),
                              dtype="float32", overwrite=True, quiet=False, **{**self.sizes, **arguments})
 
     def kept(self) -> list[str]:
@@ -74,13 +80,13 @@ class Study:
     def run(self) -> None:
         for task in self.tasks:
             self.screens[task] = self.job(task, f"screen-{task}", screen_only=True, allocations="uniform,depth",
-                                          units=str(self.work / f"units-screen-{task}"), **self.screen_sizes).run()
+                                          units=here(self.work / f"units-screen-{task}"), **self.screen_sizes).run()
             self.write()
         for stage, allocations, seeds in self.stages:
             for task in self.kept():
                 steps = self.screens[task].curve["steps"]
                 result = self.job(task, f"{task}-{stage}", allocations=allocations, seeds=seeds, steps=steps,
-                                  units=str(self.work / f"units-{task}"),
+                                  units=here(self.work / f"units-{task}"),
                                   on_unit=lambda partial, task=task: self.update(task, partial)).run()
                 self.update(task, result)
 

@@ -18,6 +18,7 @@ bench/results/pruning_full.md, .csv and .png are rewritten from everything finis
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -38,6 +39,11 @@ SCORE_TASKS = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
 PROFILES = {"default": {}, "identity": {"estimator": "identity"}, "attn": {"modules": "attn"}}
 
 
+def here(path: Path) -> str:
+    """`path` relative to the working directory: the committed records name no machine's folders."""
+    return os.path.relpath(path)
+
+
 def setting_name(method: str, sparsity: float) -> str:
     return f"{method}-{round(100 * sparsity)}"
 
@@ -51,7 +57,7 @@ def score_profile(label: str, work: Path, n_train: int, n_val: int, model: str) 
 
     out = work / ("scores-tasks" if label == "default" else f"scores-tasks-{label}")
     if (out / "run.json").is_file():
-        return str(out)
+        return here(out)
     rows = {"train": [], "val": []}
     per_task_train, per_task_val = n_train // len(SCORE_TASKS), n_val // len(SCORE_TASKS)
     for i, task in enumerate(SCORE_TASKS):
@@ -64,9 +70,9 @@ def score_profile(label: str, work: Path, n_train: int, n_val: int, model: str) 
     for split, items in rows.items():
         atomic_write_text(work / "score-data" / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in items))
     config = ScoreConfig(n_train=n_train, n_val=n_val, quiet=True, **PROFILES[label])
-    run_score(ScoreRun(model=model, train=str(work / "score-data" / "train.jsonl"),
-                       val=str(work / "score-data" / "val.jsonl"), out=str(out), dtype="float32", config=config))
-    return str(out)
+    run_score(ScoreRun(model=model, train=here(work / "score-data" / "train.jsonl"),
+                       val=here(work / "score-data" / "val.jsonl"), out=here(out), dtype="float32", config=config))
+    return here(out)
 
 
 class Study:
@@ -91,9 +97,9 @@ class Study:
 
         text = DATA / "text" / "wikitext2"
         name = setting_name(method, sparsity)
-        return ComparePruneJob(model=self.model, out=str(self.work / folder), calib=str(text / "valid.txt"),
-                               test=str(text / "test.txt"), scores=self.scores(labels), method=method,
-                               sparsity=sparsity, allocations=allocations, units=str(self.work / f"units-{name}"),
+        return ComparePruneJob(model=self.model, out=here(self.work / folder), calib=here(text / "valid.txt"),
+                               test=here(text / "test.txt"), scores=self.scores(labels), method=method,
+                               sparsity=sparsity, allocations=allocations, units=here(self.work / f"units-{name}"),
                                dtype="float32", overwrite=True, quiet=False,
                                on_unit=lambda result: self.update(folder, result), **self.sizes)
 
