@@ -8,8 +8,8 @@ For each run: max relative difference of q against a clean run, the seconds lost
 (a stale checkpoint or spill file would be one).
 
 Then a publish is killed at chosen instants: a spill run over a finished earlier run (--overwrite) SIGKILLs
-itself just before or just after its k-th write / fsync / rename (every rename and the folder exchange
-included, the rest sampled). Afterwards --out must hold the complete old run (byte for byte) or the complete
+itself just before or just after its k-th write / fsync / rename (the publish's last renames, the folder
+exchange among them, both before and after; the other instants sampled). Afterwards --out must hold the complete old run (byte for byte) or the complete
 new one, and the same command must then finish with scores equal to the clean run's.
 Writes bench/results/resume.{json,md}.
 
@@ -35,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "moe" / "mrpc"
 RESULTS = REPO / "bench" / "results"
+PUBLISH_RENAMES = 8  # renames at the end of a run that are killed both before and after
 
 
 def build_model(directory: Path) -> None:
@@ -118,7 +119,9 @@ def publish_kills(root: Path, n: int, rng: random.Random, reference: torch.Tenso
     shutil.copytree(root / "old", root / "count" / "out")
     assert run_child(root / "count" / "out", 0, "before") == 0
     calls = json.loads(count.read_text())
-    renames = [i + 1 for i, op in enumerate(calls) if op.startswith("rename")]
+    # the publish's renames (outputs into place, the folder exchange) are the last ones; every checkpoint unit
+    # before them is a rename too, and those are sampled with the rest
+    renames = [i + 1 for i, op in enumerate(calls) if op.startswith("rename")][-PUBLISH_RENAMES:]
     points = [(k, when) for k in renames for when in ("before", "after")]
     others = [(k, rng.choice(("before", "after"))) for k in rng.sample(range(1, len(calls) + 1), len(calls))]
     points = (points + [p for p in others if p not in points])[:max(n, len(points))]
