@@ -520,12 +520,12 @@ def points_text(v: dict) -> str:
 
 def moe_markdown(result: MoECompareResult, heading: str = "##") -> list[str]:
     """The comparison as markdown lines: the screen, the table, the verdicts."""
-    from layerif.compare.results import table_lines
+    from layerif.compare.results import PARTIAL, table_lines
 
     setting = result.setting
     lines = [f"{heading} {Path(setting['task']).name} — {setting['model']}", ""]
     if not result.complete:
-        lines += ["**Partial**: not every run has finished; the rows shown are final, missing ones are to run.", ""]
+        lines += [PARTIAL, ""]
     lines += [f"{setting['steps']} steps of {setting['batch_size']} rows (of {setting['n_train']}), "
               f"{setting['budget']} experts over {setting['n_layers']} layers (β {setting['beta']:g}, top-{setting['top_k']}, "
               f"rank {setting['rank']}), lr {setting['lr']:g}, loss on "

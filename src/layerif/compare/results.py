@@ -186,6 +186,9 @@ def csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+PARTIAL = "**Partial**: not every run has finished; the rows shown are final, missing ones are to run."
+
+
 def ratio_text(v: dict) -> str:
     return f"×{v['ratio']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}], p={v['p']:.3g}"
 
@@ -195,7 +198,7 @@ def markdown(result: CompareResult, heading: str = "##") -> list[str]:
     setting = result.setting
     lines = [f"{heading} {setting['method']} at {setting['sparsity']:.0%} — {setting['model']}", ""]
     if not result.complete:
-        lines += ["**Partial**: not every run has finished; the rows shown are final, missing ones are to run.", ""]
+        lines += [PARTIAL, ""]
     if result.dense:
         lines += [f"Dense model: test perplexity {result.dense['test_ppl']:.2f}, validation "
                   f"{result.dense['valid_ppl']:.2f}.", ""]
