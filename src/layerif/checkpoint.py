@@ -83,6 +83,8 @@ class Checkpoint:
         """True when the unit was saved and its file is intact (a damaged one is reported and dropped)."""
         if name not in self.units:
             return False
+        if name in self._checked:  # hashed once per process: a study asks after its units again and again
+            return True
         path = self.directory / f"{name}.safetensors"
         if not path.is_file() or file_sha256(path) != self.units[name]:
             self.warn(f"checkpoint unit {name} is missing or corrupt; recomputing it")
