@@ -194,6 +194,11 @@ def prune_command(job: PruneJob) -> None:
     "resamples": Option("Bootstrap resamples."),
     "score_name": Option("Default layer score of the LayerIF allocations.", ("--score",)),
     "dense": Option("Skip evaluating the dense model.", ("--no-dense",), lambda skip: not skip, bool, False),
+    "zeroshot": Option("Comma list of zero-shot tasks (names under --data-dir or JSONL files) scored on each "
+                       "allocation's first run and the dense model."),
+    "data_dir": Option("Folder holding zeroshot/<task>/test.jsonl and moe/<task>/ (for task names)."),
+    "zeroshot_limit": Option("First N rows of each zero-shot task."),
+    "zeroshot_batch_size": Option("Zero-shot requests per forward."),
     "units": Option("Folder that keeps finished units across comparisons (default: inside --out until it is "
                     "published)."),
     "batch_size": Option("Calibration sequences per forward."),

@@ -62,6 +62,11 @@ class Arm:
         """Unit name of one test run."""
         return f"test-{self.key}-c{calib_seed}-r{place_seed}"
 
+    @property
+    def zeroshot_key(self) -> str:
+        """Unit name of the zero-shot evaluation of this allocation's first test run."""
+        return f"zeroshot-{self.key}"
+
 
 def parse_arms(allocations: str, default_score: str, labels: set[str]) -> list[Arm]:
     """Allocation tokens (comma-separated) -> arms; one clear error for a bad name."""
@@ -138,6 +143,10 @@ class ComparePruneJob(UnitJob):
     resamples: int = 10_000
     score_name: str = "S_pos"
     dense: bool = True
+    zeroshot: str | None = None  # comma list of tasks scored on each allocation's first run (and the dense model)
+    data_dir: str | None = None
+    zeroshot_limit: int | None = None
+    zeroshot_batch_size: int = 16
     units: str | None = None  # folder keeping finished units across runs (default: --out's checkpoint, removed once published)
     batch_size: int = 8
     eval_batch_size: int = 4
@@ -196,6 +205,7 @@ class ComparePruneJob(UnitJob):
         for run in self.score_runs.values():
             if not (Path(run) / "influence.safetensors").is_file():
                 raise LayerIFError(f"--scores {run}: not a `layerif score` run folder (no influence.safetensors)")
+        self._zeroshot_tasks = self._check_zeroshot()
         if self.units is not None and (Path(self.units).is_symlink() or Path(self.units).is_file()):
             raise LayerIFError(f"--units {self.units} is a link or a file; give a real folder")
         resolve_dtype(self.dtype)
@@ -204,6 +214,31 @@ class ComparePruneJob(UnitJob):
         folder = self.output_folder()
         folder.check()
         return folder
+
+    def _check_zeroshot(self) -> list[tuple[str, Path]]:
+        """The zero-shot tasks as (name, file), each file read and checked now (a bad row fails before pruning)."""
+        if not self.zeroshot:
+            if self.zeroshot_limit is not None or self.data_dir is not None:
+                raise LayerIFError("--zeroshot-limit and --data-dir need --zeroshot TASKS")
+            return []
+        from layerif.evaluate.zeroshot import load_task_docs, resolve_task
+
+        if self.zeroshot_limit is not None and (not isinstance(self.zeroshot_limit, int) or self.zeroshot_limit < 1):
+            raise LayerIFError(f"--zeroshot-limit must be an integer >= 1, got {self.zeroshot_limit}")
+        if not isinstance(self.zeroshot_batch_size, int) or self.zeroshot_batch_size < 1:
+            raise LayerIFError(f"--zeroshot-batch-size must be an integer >= 1, got {self.zeroshot_batch_size}")
+        tasks = [resolve_task(task.strip(), self.data_dir) for task in str(self.zeroshot).split(",") if task.strip()]
+        names = [name for name, _ in tasks]
+        if not tasks or len(set(names)) != len(names):
+            raise LayerIFError(f"--zeroshot must name distinct tasks, got {self.zeroshot!r}")
+        for name, path in tasks:
+            load_task_docs(path, name, self.zeroshot_limit)
+        return tasks
+
+    def zeroshot_id(self) -> dict:
+        """What decides a zero-shot unit's numbers besides the pruned model: the task files and the row limit."""
+        return {"tasks": {name: file_sha256(path) for name, path in self._zeroshot_tasks},
+                "limit": self.zeroshot_limit}
 
     # ---- the grid ----
     def epsilon_source(self, arm: Arm) -> Arm | None:
@@ -223,8 +258,11 @@ class ComparePruneJob(UnitJob):
     def schedule(self) -> list[tuple[str, Callable, Callable[[str], bool] | None]]:
         """Every unit in run order: allocation by allocation as listed, each over all its seeds (its ε sweep
         just before its first run), the dense model last; a stopped run has whole rows for the first ones.
+        With --zeroshot, each allocation's first test run is followed by its zero-shot unit (the model is still
+        pruned then) and the dense model's by the dense zero-shot unit.
         A unit is stale when it was made with other scores than its allocation's run folder now holds, and a
-        test unit also when it was pruned at another ε than the sweep now chooses."""
+        test or zero-shot unit also when it was pruned at another ε than the sweep now chooses (a zero-shot unit
+        also when the task files or the row limit changed)."""
         units: list[tuple[str, Callable, Callable[[str], bool] | None]] = []
         swept: set[str] = set()
         for arm in self.arms:
@@ -233,11 +271,18 @@ class ComparePruneJob(UnitJob):
                 swept.add(source.token)
                 units += [(source.select_key(eps), self._select_thunk(source, eps), self._stale(source))
                           for eps in self.epsilons]
-            units += [(arm.test_key(calib_seed, place_seed), self._test_thunk(arm, calib_seed, place_seed),
-                       lambda key, arm=arm: self.current_test(arm, key) is None)
-                      for calib_seed, place_seed in self.runs_of(arm)]
+            tests = [(arm.test_key(calib_seed, place_seed), self._test_thunk(arm, calib_seed, place_seed),
+                      lambda key, arm=arm: self.current_test(arm, key) is None)
+                     for calib_seed, place_seed in self.runs_of(arm)]
+            if self._zeroshot_tasks:
+                tests.insert(1, (arm.zeroshot_key, self._zeroshot_thunk(arm),
+                                 lambda key, arm=arm: self.current_zeroshot(arm) is None))
+            units += tests
         if self.dense:
             units.append(("dense", self._dense_unit, None))
+            if self._zeroshot_tasks:
+                units.append(("zeroshot-dense", self._zeroshot_thunk(None),
+                              lambda key: self.current_zeroshot(None) is None))
         return units
 
     def _stale(self, arm: Arm) -> Callable[[str], bool]:
@@ -309,6 +354,7 @@ class ComparePruneJob(UnitJob):
                                          "--valid")
         self._test = _first_windows(tokenize_text(read_text(self.test), tokenizer), self.test_windows, length, "--test")
         self._calib_cache: dict[int, torch.Tensor] = {}
+        self._pruned_as: tuple | None = None
 
     def calibration(self, seed: int) -> torch.Tensor:
         from layerif.calibration import sample_windows
@@ -327,6 +373,7 @@ class ComparePruneJob(UnitJob):
                 for ref in refs}
 
     def _restore_dense(self) -> None:
+        self._pruned_as = None
         with torch.no_grad():
             for name, module in self._matrices().items():
                 module.weight.copy_(self._dense_weights[name])
@@ -372,11 +419,14 @@ class ComparePruneJob(UnitJob):
 
         plan = self._allocate(arm, epsilon, calib_seed, place_seed)
         if mask is not None and (saved := self.store.get(mask)) is not None:
-            return plan, _apply_mask(self._matrices(), saved[1]), True
-        report = prune_model(self._loaded.model, plan.matrix_ratios, self.method,
-                             self.calibration(calib_seed) if self.method != "magnitude" else None,
-                             batch_size=self.batch_size, quiet=True)
-        return plan, report.overall, False
+            measured, reused = _apply_mask(self._matrices(), saved[1]), True
+        else:
+            measured = prune_model(self._loaded.model, plan.matrix_ratios, self.method,
+                                   self.calibration(calib_seed) if self.method != "magnitude" else None,
+                                   batch_size=self.batch_size, quiet=True).overall
+            reused = False
+        self._pruned_as = (arm.token, epsilon, calib_seed, place_seed)  # what the model in memory now is
+        return plan, measured, reused
 
     def _nll(self, windows: torch.Tensor) -> torch.Tensor:
         from layerif.evaluate.perplexity import window_nll
@@ -429,6 +479,49 @@ class ComparePruneJob(UnitJob):
         (a wider --epsilon-grid can move the choice; runs pruned at the old ε are then redone)."""
         saved = self.current(arm, key)
         return saved if saved is not None and saved[0].get("epsilon") == self.chosen_epsilon(arm) else None
+
+    def current_zeroshot(self, arm: Arm | None):
+        """The finished zero-shot unit of `arm` (None: the dense model) made from the model its first test run
+        is now (same scores and chosen ε) on the same task files and row limit, else None."""
+        key = "zeroshot-dense" if arm is None else arm.zeroshot_key
+        saved = self.store.get(key) if arm is None else self.current(arm, key)
+        if saved is None or saved[0].get("zeroshot") != self.zeroshot_id():
+            return None
+        return saved if arm is None or saved[0].get("epsilon") == self.chosen_epsilon(arm) else None
+
+    def _zeroshot_thunk(self, arm: Arm | None) -> Callable:
+        def compute():
+            from layerif.evaluate.zeroshot import zeroshot_accuracy
+
+            started = time.perf_counter()
+            record: dict = {"kind": "zeroshot", "zeroshot": self.zeroshot_id()}
+            if arm is None:
+                self._restore_dense()
+                record["allocation"] = "dense"
+            else:
+                epsilon = self.chosen_epsilon(arm)
+                calib_seed, place_seed = self.runs_of(arm)[0]
+                # right after the first test run the model is still pruned as that run was; after a resume it is not
+                again = self._pruned_as != (arm.token, epsilon, calib_seed, place_seed)
+                if again:
+                    self._prune(arm, epsilon, calib_seed, place_seed)
+                record.update({**self.scores_digest(arm), "allocation": arm.token, "epsilon": epsilon,
+                               "calib_seed": calib_seed, "place_seed": place_seed, "pruned_again": again})
+            pruned = time.perf_counter()
+            result = zeroshot_accuracy(self._loaded.model, self._loaded.tokenizer,
+                                       [task.strip() for task in self.zeroshot.split(",") if task.strip()],
+                                       self.data_dir, self.zeroshot_limit, batch_size=self.zeroshot_batch_size,
+                                       quiet=True)
+            tasks = result["tasks"]
+            record.update({"tasks": {name: {k: v for k, v in entry.items() if k not in ("correct", "correct_norm")}
+                                     for name, entry in tasks.items()},
+                           "mean_acc": result["mean_acc"], "mean_acc_stderr": result["mean_acc_stderr"],
+                           "prune_s": pruned - started, "eval_s": time.perf_counter() - pruned})
+            arrays = {f"correct//{name}": torch.tensor(entry["correct"], dtype=torch.int8)
+                      for name, entry in tasks.items()}
+            return record, arrays
+
+        return compute
 
     def _test_thunk(self, arm: Arm, calib_seed: int, place_seed: int) -> Callable:
         def compute():

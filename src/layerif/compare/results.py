@@ -37,6 +37,7 @@ class CompareResult:
     complete: bool = False
     windows: dict = field(default_factory=dict, repr=False)  # (allocation, calib, place, split) -> nll array
     seconds: float = 0.0
+    zeroshot: dict | None = None  # --zeroshot: {"tasks", "limit", "rows" (one per allocation + dense), "verdicts"}
 
     def table(self):
         """One row per allocation: ε, runs, test perplexity over seeds, and the verdict against the first."""
@@ -61,12 +62,13 @@ class CompareResult:
     def from_dict(cls, data: dict) -> CompareResult:
         """A result read back from compare.json (per-window NLL aside: that is window_nll.csv)."""
         return cls(data["setting"], data["allocations"], data["runs"], data["verdicts"], data.get("dense"),
-                   bool(data.get("complete")), seconds=float(data.get("compute_seconds", 0.0)))
+                   bool(data.get("complete")), seconds=float(data.get("compute_seconds", 0.0)),
+                   zeroshot=data.get("zeroshot"))
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "complete": self.complete, "setting": self.setting, "dense": self.dense,
                 "allocations": self.arms, "runs": self.runs, "verdicts": self.verdicts,
-                "compute_seconds": round(self.seconds, 1)}
+                "compute_seconds": round(self.seconds, 1), "zeroshot": self.zeroshot}
 
 
 def _log_ppl(nll: np.ndarray, length: int) -> float:
@@ -123,8 +125,47 @@ def collect(job) -> CompareResult:
                "machine": getattr(job, "_state", {})}
     verdicts = verdicts_of(arms, runs, windows, length, job.block_windows, job.resamples)
     expected = sum(len(job.runs_of(arm)) for arm in job.arms)
-    return CompareResult(setting, arms, runs, verdicts, dense, complete=len(runs) == expected, windows=windows,
-                         seconds=seconds)
+    zeroshot, zeroshot_seconds, zeroshot_done = collect_zeroshot(job)
+    return CompareResult(setting, arms, runs, verdicts, dense, complete=len(runs) == expected and zeroshot_done,
+                         windows=windows, seconds=seconds + zeroshot_seconds, zeroshot=zeroshot)
+
+
+def collect_zeroshot(job) -> tuple[dict | None, float, bool]:
+    """(zero-shot section, its compute seconds, whether every zero-shot unit has finished) of a --zeroshot job.
+
+    One row per allocation (its first test run's model) and the dense model; verdicts of the first allocation
+    against each other one: paired bootstrap over rows of the mean accuracy over tasks (one calibration seed,
+    so this interval does not see seed variance; the perplexity verdicts do).
+    """
+    from layerif.evaluate.stats import compare_accuracy
+
+    if not getattr(job, "_zeroshot_tasks", None):
+        return None, 0.0, True
+    subjects = [*job.arms, None] if job.dense else list(job.arms)
+    rows, correct, seconds = [], {}, 0.0
+    for arm in subjects:
+        saved = job.current_zeroshot(arm)
+        if saved is None:
+            continue
+        record, arrays = saved
+        name = record["allocation"]
+        correct[name] = {task: arrays[f"correct//{task}"].double().numpy() for task in record["tasks"]}
+        seconds += record["seconds"]
+        rows.append({"allocation": name, "epsilon": record.get("epsilon"), "calib_seed": record.get("calib_seed"),
+                     "place_seed": record.get("place_seed"), "mean_acc": record["mean_acc"],
+                     "mean_acc_stderr": record["mean_acc_stderr"], "tasks": record["tasks"],
+                     "seconds": record["seconds"]})
+    first = job.arms[0].token
+    verdicts = []
+    for row in rows:
+        if first in correct and row["allocation"] not in (first, "dense"):
+            cmp = compare_accuracy(correct[first], correct[row["allocation"]], n_resamples=job.resamples)
+            verdicts.append({"allocation": first, "baseline": row["allocation"], "difference": cmp.estimate,
+                             "lo": cmp.low, "hi": cmp.high, "p": cmp.p_value,
+                             "reading": cmp.verdict(higher_is_better=True)})
+    section = {"tasks": [name for name, _ in job._zeroshot_tasks], "limit": job.zeroshot_limit, "rows": rows,
+               "verdicts": verdicts}
+    return section, seconds, len(rows) == len(subjects)
 
 
 def pairwise(names: list[str], runs_of: Callable[[str], tuple[np.ndarray, list[int]]],
@@ -238,7 +279,26 @@ def markdown(result: CompareResult, heading: str = "##") -> list[str]:
                 text = "—" if value is None else f"{value:.2f}"
                 cells.append(f"**{text}**" if arm["epsilon"] is not None and eps == arm["epsilon"] else text)
             lines.append(f"| {arm['allocation']} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + zeroshot_lines(result.zeroshot) + [""]
+
+
+def zeroshot_lines(section: dict | None) -> list[str]:
+    """The zero-shot table and verdicts as markdown lines (nothing without --zeroshot)."""
+    if not section:
+        return []
+    tasks = section["tasks"]
+    limit = "all rows" if section["limit"] is None else f"first {section['limit']} rows"
+    lines = ["", f"Zero-shot accuracy (lm-eval log-likelihood, {limit} of each task) of each allocation's first "
+             "run (calibration seed 0) and the dense model; ± one standard error.", "",
+             *table_lines(["allocation", *tasks, "mean"],
+                          [[row["allocation"], *(f"{row['tasks'][t]['acc']:.4f} ± {row['tasks'][t]['acc_stderr']:.4f}"
+                                                 for t in tasks),
+                            f"{row['mean_acc']:.4f} ± {row['mean_acc_stderr']:.4f}"] for row in section["rows"]])]
+    if section["verdicts"]:
+        lines += ["", "Mean accuracy, first allocation − row (paired bootstrap over rows, one calibration seed):", ""]
+        lines += [f"- {v['allocation']} vs {v['baseline']}: **{v['reading']}**, {100 * v['difference']:+.2f} points "
+                  f"[{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}], p={v['p']:.3g}" for v in section["verdicts"]]
+    return lines
 
 
 def run_rows(result: CompareResult) -> list[dict]:

@@ -184,9 +184,19 @@ def _compare_section(index: int, name: str, data: dict) -> str:
                + ("" if data.get("complete") else "; PARTIAL: not every run has finished"))
     sweeps = pd.DataFrame([{"allocation": arm["allocation"], **{f"ε {k}": v for k, v in arm["sweep"].items()}}
                            for arm in data["allocations"] if arm["sweep"] and arm["epsilon_from"] == arm["allocation"]])
+    zeroshot = data.get("zeroshot") or {}
+    accuracy = pd.DataFrame([{"allocation": row["allocation"], **{task: row["tasks"][task]["acc"]
+                                                                  for task in zeroshot["tasks"]},
+                              "mean acc": row["mean_acc"], "stderr": row["mean_acc_stderr"]}
+                             for row in zeroshot.get("rows", [])])
+    sentences += [f"zero-shot, {v['allocation']} vs {v['baseline']}: {v['reading']} ({100 * v['difference']:+.2f} "
+                  f"points, 95 % [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}], p = {v['p']:.3g}; calibration seed 0)"
+                  for v in zeroshot.get("verdicts", [])]
     return (f"<h2 id='compare{index}'>{escape(name)}: comparison</h2><p class='muted'>{escape(summary)}</p>"
             f"{_frame_table(pd.DataFrame(rows))}{_reading(sentences, f'compare{index}-reading')}"
-            + ("" if sweeps.empty else f"<h3>ε sweep (validation perplexity)</h3>{_frame_table(sweeps)}"))
+            + ("" if sweeps.empty else f"<h3>ε sweep (validation perplexity)</h3>{_frame_table(sweeps)}")
+            + ("" if accuracy.empty else "<h3>Zero-shot accuracy (first run of each allocation)</h3>"
+               f"{_frame_table(accuracy)}"))
 
 
 def _reading(sentences: list[str], section_id: str) -> str:
