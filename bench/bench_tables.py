@@ -23,7 +23,10 @@ def machine_line(results: dict) -> str:
 
 def write_study(folder: Path, stem: str, results: dict, command: str, started: str, wall_s: float,
                 order: list[str]) -> None:
-    """`stem`.md / .csv / .png in `folder` from {comparison folder: CompareResult} (partial results included)."""
+    """`stem`.md / .csv / .png in `folder` from {comparison folder: CompareResult} (partial results included).
+
+    A hand-written `stem`.notes.md in `folder` (machine state of the sessions that ran it) is put under the title.
+    """
     from layerif.compare.results import markdown, run_rows
     from layerif.io import atomic_write_text
 
@@ -33,8 +36,12 @@ def write_study(folder: Path, stem: str, results: dict, command: str, started: s
     complete = bool(names) and all(results[name].complete for name in names) and \
         all(name in results for name in order)
     compute_h = sum(r.seconds for r in results.values()) / 3600
-    lines = [f"# Pruning study — {stem}", "",
-             f"Command: `{command}`. This invocation started {started}, {wall_s / 3600:.2f} h ago; compute time of "
+    lines = [f"# Pruning study — {stem}", ""]
+    # What the machine was doing is known to whoever ran it, not to the units: kept by hand beside the tables.
+    notes = folder / f"{stem}.notes.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    lines += [f"Command: `{command}`. This invocation started {started}, {wall_s / 3600:.2f} h ago; compute time of "
              f"the finished units {compute_h:.2f} h (wall-clock seconds per unit, over every session that ran one; other "
              f"work on the machine counts in them, see the load averages). "
              f"Machine: {machine_line(results) if results else 'n/a'}.", ""]

@@ -7,7 +7,8 @@ random (3 placements), uniform, OWL and AlphaPruning; calibration 128 x 512 toke
 calibration seeds; ε from {0.2, 0.3, 0.4, 0.5} on the last 96 windows of 512 tokens of WikiText-2 valid (never
 drawn for calibration); test on the first 200 windows of 512 tokens of WikiText-2 test. Where LayerIF does not
 beat depth, a second comparison runs the variants S_top25, the `identity` estimator profile and a
-`--modules attn` profile against LayerIF and depth (sharing their finished units).
+`--modules attn` profile against LayerIF and depth (sharing their finished units). Zero-shot accuracy (ARC-e,
+ARC-c, OpenBookQA, RTE, first 500 rows each) on each allocation's first run (calibration seed 0) and the dense model.
 
 Every unit (its per-window NLL and JSON record) and the 300 x 50 scores are kept under
 bench/results/pruning_full/, which is committed: a stopped study resumes there, in a later session or on a new
@@ -35,6 +36,8 @@ SIZES = dict(calib_seeds=3, random_seeds=3, epsilon_grid="0.2,0.3,0.4,0.5", vali
              window_length=512, calib_sequences=128, calib_length=512, block_windows=10, resamples=10_000)
 SMOKE = dict(calib_seeds=2, random_seeds=2, epsilon_grid="0.2,0.4", valid_windows=4, test_windows=8,
              window_length=64, calib_sequences=4, calib_length=64, block_windows=2, resamples=500)
+# zero-shot on each allocation's first run (round 2's tasks and rows; BoolQ's rows carry no passage)
+ZEROSHOT = dict(zeroshot="arc_easy,arc_challenge,openbookqa,rte", zeroshot_limit=500)
 SCORE_TASKS = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
 PROFILES = {"default": {}, "identity": {"estimator": "identity"}, "attn": {"modules": "attn"}}
 
@@ -92,16 +95,20 @@ class Study:
         return tuple(f"{label}={score_profile(label, self.work, n_train, n_val, self.model)}" if label != "default"
                      else score_profile(label, self.work, n_train, n_val, self.model) for label in labels)
 
-    def job(self, method: str, sparsity: float, allocations: str, folder: str, labels=("default",)):
+    def job(self, method: str, sparsity: float, allocations: str, folder: str, labels=("default",),
+            zeroshot: bool = False):
         from layerif.compare import ComparePruneJob
 
         text = DATA / "text" / "wikitext2"
         name = setting_name(method, sparsity)
+        extra = {**ZEROSHOT, "data_dir": here(DATA)} if zeroshot else {}
+        if zeroshot and self.smoke:
+            extra["zeroshot_limit"] = 3
         return ComparePruneJob(model=self.model, out=here(self.work / folder), calib=here(text / "valid.txt"),
                                test=here(text / "test.txt"), scores=self.scores(labels), method=method,
                                sparsity=sparsity, allocations=allocations, units=here(self.work / f"units-{name}"),
                                dtype="float32", overwrite=True, quiet=False,
-                               on_unit=lambda result: self.update(folder, result), **self.sizes)
+                               on_unit=lambda result: self.update(folder, result), **self.sizes, **extra)
 
     def update(self, folder: str, result) -> None:
         self.latest[folder] = result
@@ -110,7 +117,7 @@ class Study:
     def run(self, settings, variants: bool = True) -> None:
         for method, sparsity in settings:
             name = setting_name(method, sparsity)
-            result = self.job(method, sparsity, MAIN, name).run()
+            result = self.job(method, sparsity, MAIN, name, zeroshot=True).run()
             self.update(name, result)
             headline = next(v for v in result.verdicts if v["allocation"] == "layerif" and v["baseline"] == "depth")
             if variants and headline["reading"] != "better":

@@ -43,3 +43,16 @@ def test_smoke_study_writes_partial_then_complete_tables(tmp_path):
     again = bench.Study(smoke=True, model=str(model), work=tmp_path / "work")
     again.load_finished()
     assert "wanda-70" in again.latest and again.latest["wanda-70"].complete
+
+
+def test_study_page_keeps_the_hand_written_machine_notes(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_tables import write_study
+
+    (tmp_path / "study.notes.md").write_text("**Machine: idle for every unit.**\n")
+    write_study(tmp_path, "study", {}, "python bench/pruning.py --standard", "now", 1.0, ["wanda-70"])
+    page = (tmp_path / "study.md").read_text().splitlines()
+    assert page[:3] == ["# Pruning study — study", "", "**Machine: idle for every unit.**"]
+    (tmp_path / "study.notes.md").unlink()
+    write_study(tmp_path, "study", {}, "python bench/pruning.py --standard", "now", 1.0, ["wanda-70"])
+    assert "Machine: idle" not in (tmp_path / "study.md").read_text()
