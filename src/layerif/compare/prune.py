@@ -206,6 +206,9 @@ class ComparePruneJob(UnitJob):
             if not (Path(run) / "influence.safetensors").is_file():
                 raise LayerIFError(f"--scores {run}: not a `layerif score` run folder (no influence.safetensors)")
         self._zeroshot_tasks = self._check_zeroshot()
+        # hashed once: staleness is asked of every zero-shot unit after each new unit
+        self._zeroshot_id = {"tasks": {name: file_sha256(path) for name, path in self._zeroshot_tasks},
+                             "limit": self.zeroshot_limit}
         if self.units is not None and (Path(self.units).is_symlink() or Path(self.units).is_file()):
             raise LayerIFError(f"--units {self.units} is a link or a file; give a real folder")
         resolve_dtype(self.dtype)
@@ -227,18 +230,14 @@ class ComparePruneJob(UnitJob):
             raise LayerIFError(f"--zeroshot-limit must be an integer >= 1, got {self.zeroshot_limit}")
         if not isinstance(self.zeroshot_batch_size, int) or self.zeroshot_batch_size < 1:
             raise LayerIFError(f"--zeroshot-batch-size must be an integer >= 1, got {self.zeroshot_batch_size}")
-        tasks = [resolve_task(task.strip(), self.data_dir) for task in str(self.zeroshot).split(",") if task.strip()]
+        self._zeroshot_names = [task.strip() for task in str(self.zeroshot).split(",") if task.strip()]
+        tasks = [resolve_task(task, self.data_dir) for task in self._zeroshot_names]
         names = [name for name, _ in tasks]
         if not tasks or len(set(names)) != len(names):
             raise LayerIFError(f"--zeroshot must name distinct tasks, got {self.zeroshot!r}")
         for name, path in tasks:
             load_task_docs(path, name, self.zeroshot_limit)
         return tasks
-
-    def zeroshot_id(self) -> dict:
-        """What decides a zero-shot unit's numbers besides the pruned model: the task files and the row limit."""
-        return {"tasks": {name: file_sha256(path) for name, path in self._zeroshot_tasks},
-                "limit": self.zeroshot_limit}
 
     # ---- the grid ----
     def epsilon_source(self, arm: Arm) -> Arm | None:
@@ -483,18 +482,15 @@ class ComparePruneJob(UnitJob):
     def current_zeroshot(self, arm: Arm | None):
         """The finished zero-shot unit of `arm` (None: the dense model) made from the model its first test run
         is now (same scores and chosen ε) on the same task files and row limit, else None."""
-        key = "zeroshot-dense" if arm is None else arm.zeroshot_key
-        saved = self.store.get(key) if arm is None else self.current(arm, key)
-        if saved is None or saved[0].get("zeroshot") != self.zeroshot_id():
-            return None
-        return saved if arm is None or saved[0].get("epsilon") == self.chosen_epsilon(arm) else None
+        saved = self.store.get("zeroshot-dense") if arm is None else self.current_test(arm, arm.zeroshot_key)
+        return saved if saved is not None and saved[0].get("zeroshot") == self._zeroshot_id else None
 
     def _zeroshot_thunk(self, arm: Arm | None) -> Callable:
         def compute():
             from layerif.evaluate.zeroshot import zeroshot_accuracy
 
             started = time.perf_counter()
-            record: dict = {"kind": "zeroshot", "zeroshot": self.zeroshot_id()}
+            record: dict = {"kind": "zeroshot", "zeroshot": self._zeroshot_id}
             if arm is None:
                 self._restore_dense()
                 record["allocation"] = "dense"
@@ -509,8 +505,7 @@ class ComparePruneJob(UnitJob):
                                "calib_seed": calib_seed, "place_seed": place_seed, "pruned_again": again})
             pruned = time.perf_counter()
             result = zeroshot_accuracy(self._loaded.model, self._loaded.tokenizer,
-                                       [task.strip() for task in self.zeroshot.split(",") if task.strip()],
-                                       self.data_dir, self.zeroshot_limit, batch_size=self.zeroshot_batch_size,
+                                       self._zeroshot_names, self.data_dir, self.zeroshot_limit, batch_size=self.zeroshot_batch_size,
                                        quiet=True)
             tasks = result["tasks"]
             record.update({"tasks": {name: {k: v for k, v in entry.items() if k not in ("correct", "correct_norm")}

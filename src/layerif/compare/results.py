@@ -296,9 +296,14 @@ def zeroshot_lines(section: dict | None) -> list[str]:
                             f"{row['mean_acc']:.4f} ± {row['mean_acc_stderr']:.4f}"] for row in section["rows"]])]
     if section["verdicts"]:
         lines += ["", "Mean accuracy, first allocation − row (paired bootstrap over rows, one calibration seed):", ""]
-        lines += [f"- {v['allocation']} vs {v['baseline']}: **{v['reading']}**, {100 * v['difference']:+.2f} points "
-                  f"[{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}], p={v['p']:.3g}" for v in section["verdicts"]]
+        lines += [f"- {v['allocation']} vs {v['baseline']}: **{v['reading']}**, {accuracy_text(v)}"
+                  for v in section["verdicts"]]
     return lines
+
+
+def accuracy_text(v: dict) -> str:
+    """A zero-shot verdict's accuracy difference and interval, in points."""
+    return f"{100 * v['difference']:+.2f} points [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}], p={v['p']:.3g}"
 
 
 def run_rows(result: CompareResult) -> list[dict]:

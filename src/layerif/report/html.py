@@ -159,6 +159,8 @@ def _compare_section(index: int, name: str, data: dict) -> str:
     """A `layerif compare` folder: the per-allocation table, every verdict, the ε sweeps."""
     import pandas as pd
 
+    from layerif.compare.results import accuracy_text
+
     setting = data["setting"]
     first = data["allocations"][0]["allocation"] if data["allocations"] else ""
     rows = []
@@ -189,9 +191,8 @@ def _compare_section(index: int, name: str, data: dict) -> str:
                                                                   for task in zeroshot["tasks"]},
                               "mean acc": row["mean_acc"], "stderr": row["mean_acc_stderr"]}
                              for row in zeroshot.get("rows", [])])
-    sentences += [f"zero-shot, {v['allocation']} vs {v['baseline']}: {v['reading']} ({100 * v['difference']:+.2f} "
-                  f"points, 95 % [{100 * v['lo']:+.2f}, {100 * v['hi']:+.2f}], p = {v['p']:.3g}; calibration seed 0)"
-                  for v in zeroshot.get("verdicts", [])]
+    sentences += [f"zero-shot, {v['allocation']} vs {v['baseline']}: {v['reading']} ({accuracy_text(v)}; "
+                  "calibration seed 0)" for v in zeroshot.get("verdicts", [])]
     return (f"<h2 id='compare{index}'>{escape(name)}: comparison</h2><p class='muted'>{escape(summary)}</p>"
             f"{_frame_table(pd.DataFrame(rows))}{_reading(sentences, f'compare{index}-reading')}"
             + ("" if sweeps.empty else f"<h3>ε sweep (validation perplexity)</h3>{_frame_table(sweeps)}")
