@@ -124,6 +124,14 @@ class Study:
                 folder = f"{name}-variants"
                 self.update(folder, self.job(method, sparsity, VARIANTS, folder, tuple(PROFILES)).run())
 
+    def load_saved(self) -> None:
+        """Partial results of the main comparisons whose units exist but which were never published (a stopped
+        study), rebuilt from the units without running any."""
+        for method, sparsity in SETTINGS:
+            name = setting_name(method, sparsity)
+            if name not in self.latest and (self.work / f"units-{name}" / "manifest.json").is_file():
+                self.latest[name] = self.job(method, sparsity, MAIN, name, zeroshot=True).saved_result()
+
     def load_finished(self) -> None:
         """Results of comparisons an earlier invocation published (the partial ones come back when rerun)."""
         from layerif.compare import CompareResult
@@ -151,5 +159,8 @@ def main(settings: str | None = None, variants: bool = True, report_only: bool =
     study = Study(smoke, model)
     if not report_only:
         study.run(chosen, variants)
+    else:
+        study.load_finished()
+        study.load_saved()
     study.write()
     print(f"wrote {study.results / f'{STEM}.md'}")

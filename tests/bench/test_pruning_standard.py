@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -43,6 +44,15 @@ def test_smoke_study_writes_partial_then_complete_tables(tmp_path):
     again = bench.Study(smoke=True, model=str(model), work=tmp_path / "work")
     again.load_finished()
     assert "wanda-70" in again.latest and again.latest["wanda-70"].complete
+    # a stopped study publishes nothing: the tables are rebuilt from its units, not written empty
+    published = (tmp_path / "work" / "wanda-70" / "compare.json").read_text()
+    (tmp_path / "work" / "wanda-70" / "compare.json").unlink()
+    stopped = bench.Study(smoke=True, model=str(model), work=tmp_path / "work")
+    stopped.load_finished()
+    stopped.load_saved()
+    assert stopped.latest["wanda-70"].to_dict()["runs"] == json.loads(published)["runs"]
+    stopped.write()
+    assert "## wanda at 70%" in (tmp_path / "work" / "pruning_full.md").read_text()
 
 
 def test_study_page_keeps_the_hand_written_machine_notes(tmp_path):

@@ -125,6 +125,15 @@ class UnitJob:
     fields `units`, `overwrite`, `quiet` and `on_unit` (called with the partial result after each new unit).
     """
 
+    def saved_result(self):
+        """The (maybe partial) result from the units already saved, running none (the model is loaded only for
+        the fingerprint that ties the units to it)."""
+        self.validate()
+        self._state = machine_state()
+        self._loaded = self.load()
+        self.store = UnitStore(self.units or self.output_folder().checkpoint_dir, self.fingerprint())
+        return self.collect()
+
     def run(self):
         """Run (or resume) every unit, then write the comparison into --out; the result."""
         folder = self.validate()
