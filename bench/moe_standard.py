@@ -17,7 +17,8 @@ answer tokens only (the LM head only at those positions), label log-likelihood o
 
 Stages, each a `layerif compare moe` run sharing one units folder per task (later stages reuse earlier runs):
 the core four at 3 seeds on every kept task, then every allocation at seed 0, then every allocation at 3
-seeds. Every unit (per-row correctness and its record) is kept under bench/results/moe_standard/, which is
+seeds. The first task that passes the screen runs the first two stages (what decides the comparison) before the
+next task is screened, so a verdict does not wait for every screen. Every unit (per-row correctness and its record) is kept under bench/results/moe_standard/, which is
 committed, so a stopped study resumes in a later session or on a new machine; after each unit
 bench/results/moe_standard.md, .csv and .png are rewritten from everything finished (partial tables marked).
 """
@@ -39,6 +40,7 @@ TASKS = ("rte", "scienceqa", "openbookqa", "commonsenseqa", "cola", "mrpc")  # n
 CORE = "layerif,depth,random,uniform"
 ALL = CORE + ",mola-2468,mola-8642,alphalora,layerif:S_top25,plain-lora"
 STAGES = (("core", CORE, 3), ("all-s1", ALL, 1), ("all", ALL, 3))
+DECIDING = 2  # the first kept task runs these stages before the next screen (the issue's bar)
 SIZES = dict(batch_size=8, lr=3e-4, n_test=500, score_train=300, score_val=50, resamples=10_000)
 SCREEN = dict(steps=400, curve_every=50, n_val=200)
 SMOKE = dict(batch_size=2, n_test=6, n_train=16, score_train=6, score_val=3, resamples=300)
@@ -78,17 +80,27 @@ class Study:
                 and (self.keep_all or self.screens[task].curve["screen"]["kept"])]
 
     def run(self) -> None:
+        ran: set[tuple[str, str]] = set()
         for task in self.tasks:
             self.screens[task] = self.job(task, f"screen-{task}", screen_only=True, allocations="uniform,depth",
                                           units=here(self.work / f"units-screen-{task}"), **self.screen_sizes).run()
             self.write()
-        for stage, allocations, seeds in self.stages:
+            if self.kept()[:1] == [task]:
+                for stage in self.stages[:DECIDING]:
+                    self.compare(task, *stage, ran=ran)
+        for stage in self.stages:
             for task in self.kept():
-                steps = self.screens[task].curve["steps"]
-                result = self.job(task, f"{task}-{stage}", allocations=allocations, seeds=seeds, steps=steps,
-                                  units=here(self.work / f"units-{task}"),
-                                  on_unit=lambda partial, task=task: self.update(task, partial)).run()
-                self.update(task, result)
+                self.compare(task, *stage, ran=ran)
+
+    def compare(self, task: str, stage: str, allocations: str, seeds: int, ran: set[tuple[str, str]]) -> None:
+        """One stage of one kept task (once per invocation), its partial tables rewritten after every unit."""
+        if (task, stage) in ran:
+            return
+        ran.add((task, stage))
+        result = self.job(task, f"{task}-{stage}", allocations=allocations, seeds=seeds,
+                          steps=self.screens[task].curve["steps"], units=here(self.work / f"units-{task}"),
+                          on_unit=lambda partial, task=task: self.update(task, partial)).run()
+        self.update(task, result)
 
     def update(self, task: str, result) -> None:
         self.latest[task] = result

@@ -71,3 +71,28 @@ def test_kept_task_runs_the_core_first_and_the_later_stage_reuses_its_units(tmp_
                         tasks=("toy",), keep_all=True)
     again.load_finished()
     assert again.latest["toy"].complete and len(again.latest["toy"].arms) == 9
+
+
+def test_first_kept_task_is_decided_before_the_next_screen(tmp_path):
+    bench = load_bench()
+    kept = {"hard": False, "first": True, "second": True}
+    study = bench.Study(smoke=True, model="unused", work=tmp_path / "work", data=tmp_path / "data",
+                        tasks=tuple(kept))
+    order: list[str] = []
+
+    class Job:  # records the order of the stages; a screen keeps the tasks marked kept
+        def __init__(self, task, folder, **arguments):
+            self.task, self.folder = task, folder
+
+        def run(self):
+            order.append(self.folder)
+            screen = {"kept": kept[self.task.rsplit("/", 1)[-1]]}
+            return type("Result", (), {"curve": {"screen": screen, "steps": 3}})()
+
+    study.job = Job
+    study.write = lambda: None
+    study.update = lambda task, result: None
+    study.stages = (("core", "layerif", 3), ("all-s1", "layerif,plain-lora", 1), ("all", "layerif,plain-lora", 3))
+    study.run()
+    assert order == ["screen-hard", "screen-first", "first-core", "first-all-s1", "screen-second",
+                     "second-core", "second-all-s1", "first-all", "second-all"]
