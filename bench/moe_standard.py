@@ -18,9 +18,10 @@ answer tokens only (the LM head only at those positions), label log-likelihood o
 Stages, each a `layerif compare moe` run sharing one units folder per task (later stages reuse earlier runs):
 the core four at 3 seeds on every kept task, then every allocation at seed 0, then every allocation at 3
 seeds. The first task that passes the screen runs the first two stages (what decides the comparison) before the
-next task is screened, so a verdict does not wait for every screen. Every unit (per-row correctness and its record) is kept under bench/results/moe_standard/, which is
-committed, so a stopped study resumes in a later session or on a new machine; after each unit
-bench/results/moe_standard.md, .csv and .png are rewritten from everything finished (partial tables marked).
+next task is screened, so a verdict does not wait for every screen. Every unit (per-row correctness and its
+record) is kept under bench/results/moe_standard/, which is committed, so a stopped study resumes in a later
+session or on a new machine; after each unit bench/results/moe_standard.md, .csv and .png are rewritten from
+everything finished (partial tables marked).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_first_kept_task_is_decided_before_the_next_screen(tmp_path):
 
         def run(self):
             order.append(self.folder)
-            screen = {"kept": kept[self.task.rsplit("/", 1)[-1]]}
+            screen = {"kept": kept[self.task]}
             return type("Result", (), {"curve": {"screen": screen, "steps": 3}})()
 
     study.job = Job
