@@ -213,8 +213,8 @@ def _open_checkpoint(model: nn.Module, config: ScoreConfig, data: _Prepared, dir
 
 
 def _estimator_options(config: ScoreConfig) -> dict:
-    """Estimator settings of a run (LiSSA's depth, tolerance, scale, mini-batch, repeats and seed)."""
-    names = ("lissa_depth", "lissa_tol", "lissa_scale", "lissa_batch", "lissa_repeats")
+    """Estimator settings of a run (LiSSA's depth, tolerance, scale, mini-batch, repeats, plan and seed)."""
+    names = ("lissa_depth", "lissa_tol", "lissa_scale", "lissa_batch", "lissa_repeats", "lissa_plan")
     return {**{name: getattr(config, name, None) for name in names}, "seed": config.seed}
 
 

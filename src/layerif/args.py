@@ -24,7 +24,7 @@ PAPER_N_TRAIN = 300  # training rows scored in the paper (first rows of the spli
 PAPER_N_VAL = 50
 LOSSES = ("tokens", "answer")
 # LiSSA's defaults, repeated from layerif.influence.lissa so that reading the options imports no torch
-LISSA_DEPTH, LISSA_TOL, LISSA_BATCH, LISSA_REPEATS = 2000, 1e-3, 64, 1
+LISSA_DEPTH, LISSA_KERNEL_DEPTH, LISSA_TOL, LISSA_BATCH, LISSA_REPEATS = 2000, 1_000_000, 1e-3, 64, 1
 
 
 def _registered_estimators() -> tuple[str, ...]:
@@ -156,15 +156,20 @@ class EstimatorArguments(_Arguments):
     pairwise: bool = argument(False, "Also keep the n_train x n_val influence matrix per layer.")
     compute_dtype: str = argument("float32", "dtype of the estimator's matmuls: float32 or float64.",
                                   choices=("float32", "float64"))
-    lissa_depth: int = argument(LISSA_DEPTH, "Most steps of each LiSSA recursion (--estimator lissa).", minimum=1)
+    lissa_depth: int | None = argument(None, f"Most steps of each LiSSA recursion (--estimator lissa; default "
+                                       f"{LISSA_KERNEL_DEPTH:,} in the kernel plan, {LISSA_DEPTH} in the factor plan).",
+                                       minimum=1)
     lissa_tol: float = argument(LISSA_TOL, "Stop a matrix's LiSSA recursion once the influence changes by less than "
                                 "this (relative) over the last tenth of its steps; 0 runs every step.", minimum=0)
     lissa_scale: float | None = argument(None, "Scale of the LiSSA recursion (--estimator lissa; default: a bound "
                                          "on the largest eigenvalue).", check=_positive_or_none)
-    lissa_batch: int = argument(LISSA_BATCH, "Training samples per LiSSA step (all of them when n_train is not "
-                                "larger: deterministic).", minimum=1)
+    lissa_batch: int | None = argument(None, f"Training samples per LiSSA step (default: all of them in the kernel "
+                                       f"plan, {LISSA_BATCH} in the factor plan; all: deterministic).", minimum=1)
     lissa_repeats: int = argument(LISSA_REPEATS, "Independent LiSSA recursions averaged per matrix (mini-batches "
                                   "only).", minimum=1)
+    lissa_plan: str = argument("auto", "Where LiSSA's iterates live: kernel (sample coordinates from the n x n "
+                               "Gram; cheap steps), factors (weight-shaped; no Gram) or auto (kernel up to 2048 "
+                               "training samples). Same iterates either way.", choices=("auto", "kernel", "factors"))
     bootstrap: int = argument(0, "Bootstrap resamples of the training samples for intervals of every score "
                               "(e.g. 1000; 0 = off).", minimum=0)
     bootstrap_seed: int = argument(0, "Seed of the bootstrap resamples.")

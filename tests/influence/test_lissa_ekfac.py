@@ -255,11 +255,25 @@ def test_engine_ekfac_ranks_samples_like_exact_on_a_tiny_model():
 
 
 def test_lissa_defaults_match_the_score_options():
-    from layerif.args import ScoreConfig
+    from layerif import args
+    from layerif.influence import lissa
 
-    config, settings = ScoreConfig(), LissaSettings()
+    config, settings = args.ScoreConfig(), LissaSettings()
     assert (config.lissa_depth, config.lissa_tol, config.lissa_batch, config.lissa_repeats) == (
         settings.depth, settings.tol, settings.batch_size, settings.repeats)
+    # the per-plan defaults behind None, repeated in args so that reading the options imports no torch
+    assert (args.LISSA_DEPTH, args.LISSA_KERNEL_DEPTH, args.LISSA_BATCH) == (
+        lissa.LISSA_DEPTH, lissa.LISSA_KERNEL_DEPTH, lissa.LISSA_BATCH)
+
+
+def test_plan_defaults_full_batches_in_the_kernel_plan_and_mini_batches_in_the_factor_plan():
+    few, many = random_factors(n=24, seed=3), random_factors(n=100, seed=3)  # 30 parameters per matrix
+    _, _, kernel = estimate("lissa", few, val_gradient())
+    _, _, factor = estimate("lissa", many, val_gradient(), options={"lissa_tol": 0, "lissa_depth": 30})
+    assert kernel["plan"] == "kernel" and kernel["batch_size"] == 24 and kernel["depth"] == 1_000_000
+    assert kernel["converged"]
+    assert factor["plan"] == "factors" and factor["batch_size"] == 64
+    assert estimate("lissa", many, val_gradient(), options={"lissa_scale": 1e6})[2]["depth"] == 2000
 
 
 def test_lissa_stops_once_the_influence_settles():
@@ -314,3 +328,42 @@ def test_lissa_defaults_are_within_2_percent_of_exact_on_a_tiny_model():
     assert lissa.metadata["convergence"]["not_converged"] == 0
     old = s_all(estimator="lissa", lissa_depth=200, lissa_batch=16, lissa_tol=0).scores("S_all")
     assert abs(old - exact).max() / abs(exact).max() > 0.02  # so the check above is not a loose one
+
+
+@pytest.mark.parametrize("batch_size, repeats", [(4, 2), (100, 1)])
+def test_kernel_plan_runs_the_same_iterates_as_the_factor_plan(batch_size, repeats):
+    factors, v = random_factors(n=24, seed=3), val_gradient()
+    val_each = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    options = {"lissa_depth": 300, "lissa_batch": batch_size, "lissa_repeats": repeats, "lissa_tol": 1e-6,
+               "lissa_scale": 4 * float(gradients(factors).square().sum(1).max()), "seed": 5}
+    by_plan = {plan: estimate("lissa", factors, v, val_each, options | {"lissa_plan": plan}) for plan in ("kernel", "factors")}
+    (kernel, kernel_pair, kernel_info), (factor, factor_pair, factor_info) = by_plan["kernel"], by_plan["factors"]
+    assert kernel_info["plan"] == "kernel" and factor_info["plan"] == "factors"
+    torch.testing.assert_close(kernel, factor, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(kernel_pair, factor_pair, rtol=1e-9, atol=1e-12)
+    for key in ("steps", "batch_size", "repeats", "converged"):
+        assert kernel_info[key] == factor_info[key]
+    assert kernel_info["relative_change"] == pytest.approx(factor_info["relative_change"], rel=1e-6)
+    assert kernel_info["h_relative_change"] == pytest.approx(factor_info["h_relative_change"], rel=1e-6)
+
+
+def test_kernel_plan_with_an_automatic_scale_converges_to_exact():
+    factors, v = random_factors(), val_gradient()
+    got, _, info = estimate("lissa", factors, v, options={"lissa_depth": 3000, "lissa_batch": 100, "lissa_tol": 0})
+    want, _, _ = estimate("exact", factors, v)
+    assert info["plan"] == "kernel" and info["top_eigenvalue"] > 0
+    G = gradients(factors)
+    # the kernel plan takes the exact top eigenvalue of H; power iterations approach it from below
+    assert info["top_eigenvalue"] == pytest.approx(float(torch.linalg.eigvalsh(G @ G.t())[-1]) / factors.n, rel=1e-9)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+def test_auto_plan_uses_factors_when_samples_outnumber_parameters():
+    from layerif.influence.lissa import KERNEL_PLAN_MAX_SAMPLES
+
+    small, large = random_factors(n=12), random_factors(n=40)  # 30 parameters per matrix
+    assert estimate("lissa", small, val_gradient(), options={"lissa_depth": 50})[2]["plan"] == "kernel"
+    assert estimate("lissa", large, val_gradient(), options={"lissa_depth": 50})[2]["plan"] == "factors"
+    assert LissaSettings().kernel_plan(KERNEL_PLAN_MAX_SAMPLES + 1, 10**9) is False
+    with pytest.raises(LayerIFError, match="--lissa-plan"):
+        LissaSettings(plan="gram").kernel_plan(10, 100)

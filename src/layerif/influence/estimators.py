@@ -170,21 +170,40 @@ class _Solved(Estimator):
         if lam == 0.0:  # every gradient is zero: nothing flows through this matrix
             zeros = torch.zeros(train.n, stack.shape[0], dtype=torch.float64)
             return MatrixInfluence(zeros[:, 0], None if inputs.val_each is None else zeros[:, 1:], lam)
+        values, info = self.solved_influence(inputs, stack, lam, n, ctx)
+        return MatrixInfluence(values[:, 0], None if inputs.val_each is None else values[:, 1:], lam, info)
+
+    def solved_influence(self, inputs: MatrixInputs, stack: torch.Tensor, lam: float, n: int,
+                         ctx: RunContext) -> tuple[torch.Tensor, dict | None]:
+        """(I (n, k) = -g_i . h_k for each vector of the stack, solver info)."""
+        train = inputs.train
         solved, info = self.solve(inputs, stack, lam, n)
         solved = solved.to(device=stack.device, dtype=train.compute_dtype)
         if stack.shape[0] == 1:
-            return MatrixInfluence(-train.dots(solved[0]), None, lam, info)
+            return -train.dots(solved[0]).unsqueeze(1), info
         flat = solved.reshape(stack.shape[0], -1)
         dots = torch.zeros(train.n, stack.shape[0], dtype=torch.float64)
         for index, grads in train.materialised(ctx.kernel_bytes):
             dots[index] = (grads @ flat.t().to(grads.device)).double().cpu()
-        return MatrixInfluence(-dots[:, 0], -dots[:, 1:], lam, info)
+        return -dots, info
 
 
 class Lissa(_Solved):
     """LiSSA: the same damped Fisher as `exact`, solved by a stochastic Neumann series (influence/lissa.py)."""
 
     name = "lissa"
+
+    def solved_influence(self, inputs, stack, lam, n, ctx):
+        from layerif.influence.lissa import lissa_kernel_influence, lissa_settings
+
+        train, settings = inputs.train, lissa_settings(self.options)
+        if not settings.kernel_plan(int((train.sq_norms > 0).sum()), train.d_in * train.d_out):
+            return super().solved_influence(inputs, stack, lam, n, ctx)
+        kernel, dots = train.gram_and_dots(stack, max_bytes=ctx.kernel_bytes)
+        v_sq = stack.reshape(stack.shape[0], -1).double().square().sum(1)
+        values, details = lissa_kernel_influence(kernel, dots, v_sq, train.sq_norms, (train.d_out, train.d_in), lam,
+                                                 n, settings)
+        return -values, details.to_dict()
 
     def solve(self, inputs, stack, lam, n):
         from layerif.influence.lissa import lissa_settings, lissa_solve

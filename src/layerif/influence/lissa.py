@@ -16,6 +16,9 @@ the last half to three quarters of the steps (iterate averaging; full batches us
 has passed since the last comparison, the relative change of the influence G h of the estimate is measured over
 that window; a recursion stops when it falls below `tol`, or after `depth` steps (then it has not converged,
 and the info says so).
+
+Every iterate lies in span{v, g_1..g_n}, so with few samples (`plan` kernel) the same recursion runs on
+coordinates in that span, from the Gram K = G G^T and G v: O(|B| n) per step instead of a pass over the factors.
 """
 
 from __future__ import annotations
@@ -29,11 +32,19 @@ from layerif.gradients.factors import MatrixFactors
 
 # Defaults measured on a random 4-block Llama with 24 x 6 rows (bench/lissa_defaults.py): full batches reach a
 # last-window change of 1e-3 within 925 steps and then S_all within 0.03 % of `exact`; 16-sample mini-batches
-# needed 10,000 steps for 3e-3, their noise shrinking only as one over the root of the steps.
-LISSA_DEPTH = 2000  # most steps; a recursion stops earlier once converged
+# needed 10,000 steps for 3e-3, their noise shrinking only as one over the root of the steps. On SmolLM2 with
+# 300 rows (bench/lissa_convergence.py) 64-sample mini-batches converged on no matrix even at 16,000 steps
+# (median 3.7 % from exact), while full batches pass the tolerance within 467,600 steps on every matrix (median
+# 7,600) and then lie within 0.22 % of exact: in the kernel plan a full-batch step costs O(n^2), so it is the default.
+LISSA_DEPTH = 2000  # most steps in the factor plan; a recursion stops earlier once converged
+LISSA_KERNEL_DEPTH = 1_000_000  # most steps in the kernel plan (about 26 us each at n = 300)
 LISSA_TOL = 1e-3  # float32 iterates settle near 1e-4, so smaller tolerances may never be met
-LISSA_BATCH = 64  # up to 64 training samples every step is the full, deterministic H
+LISSA_BATCH = 64  # factor plan: up to 64 training samples every step is the full, deterministic H
 LISSA_REPEATS = 1
+LISSA_PLANS = ("auto", "kernel", "factors")
+# auto runs the recursion in sample coordinates up to this many training samples (when they are fewer than the
+# matrix's parameters): the n x n Gram costs about what 2000 factor-space steps of 64 samples cost near n = 2048
+KERNEL_PLAN_MAX_SAMPLES = 2048
 CHECK_EVERY = 25  # steps between divergence checks (and convergence checks, once a window has passed)
 SCALE_SAFETY = 2.0
 POWER_ITERATIONS = 10
@@ -106,17 +117,28 @@ class TokenFactors:
 class LissaSettings:
     """How to run the series.
 
-    depth: most steps per recursion; tol: stop once the relative change of the influence over a window (the
-    last tenth of the steps) is below it (0: always run `depth` steps); scale None: automatic; batch_size:
-    training samples per step; repeats: independent recursions averaged (mini-batches only); seed of the draws.
+    depth: most steps per recursion (None: 1,000,000 in the kernel plan, 2000 in the factor plan); tol: stop once
+    the relative change of the influence over a window (the last tenth of the steps) is below it (0: always run
+    `depth` steps); scale None: automatic; batch_size: training samples per step (None: all of them in the
+    kernel plan, 64 in the factor plan); repeats: independent recursions averaged (mini-batches only); seed of the draws;
+    plan: where the iterates live (`kernel`: sample coordinates from the Gram, `factors`: weight-shaped vectors
+    from the token factors, `auto`: `kernel` for up to 2048 samples fewer than the parameters). Both plans run
+    the same iterates.
     """
 
-    depth: int = LISSA_DEPTH
+    depth: int | None = None
     scale: float | None = None
-    batch_size: int = LISSA_BATCH
+    batch_size: int | None = None
     seed: int = 0
     tol: float = LISSA_TOL
     repeats: int = LISSA_REPEATS
+    plan: str = "auto"
+
+    def kernel_plan(self, n: int, n_params: int) -> bool:
+        """Whether a matrix with n training samples and n_params parameters runs in sample coordinates."""
+        if self.plan not in LISSA_PLANS:
+            raise LayerIFError(f"--lissa-plan must be one of {', '.join(LISSA_PLANS)}, got {self.plan!r}")
+        return self.plan == "kernel" or (self.plan == "auto" and n <= min(KERNEL_PLAN_MAX_SAMPLES, n_params))
 
 
 @dataclass
@@ -134,9 +156,11 @@ class LissaInfo:
     tol: float = 0.0
     repeats: int = 1
     converged: bool = False  # relative_change < tol when the recursion stopped
+    plan: str = "factors"  # where the iterates lived: kernel (sample coordinates) or factors
 
     def to_dict(self) -> dict:
-        return {"scale": self.scale, "depth": self.depth, "steps": self.steps, "batch_size": self.batch_size,
+        return {"plan": self.plan, "scale": self.scale, "depth": self.depth, "steps": self.steps,
+                "batch_size": self.batch_size,
                 "repeats": self.repeats, "tol": self.tol, "converged": self.converged,
                 "relative_change": self.relative_change, "h_relative_change": self.h_relative_change,
                 "top_eigenvalue": self.top_eigenvalue, "restarts": self.restarts}
@@ -148,9 +172,10 @@ def lissa_settings(options: dict) -> LissaSettings:
         value = options.get(name)
         return default if value is None else value
 
-    return LissaSettings(depth=pick("lissa_depth", LISSA_DEPTH), scale=options.get("lissa_scale"),
-                         batch_size=pick("lissa_batch", LISSA_BATCH), seed=pick("seed", 0),
-                         tol=pick("lissa_tol", LISSA_TOL), repeats=pick("lissa_repeats", LISSA_REPEATS))
+    return LissaSettings(depth=options.get("lissa_depth"), scale=options.get("lissa_scale"),
+                         batch_size=options.get("lissa_batch"), seed=pick("seed", 0),
+                         tol=pick("lissa_tol", LISSA_TOL), repeats=pick("lissa_repeats", LISSA_REPEATS),
+                         plan=pick("lissa_plan", "auto"))
 
 
 def top_eigenvalue(tokens: TokenFactors, divisor: float, start: torch.Tensor, iterations: int = POWER_ITERATIONS) -> float:
@@ -177,7 +202,47 @@ def lissa_solve(factors: MatrixFactors, stack: torch.Tensor, lam: float, n_effec
     and, with mini-batches, over 3 random mini-batches; should the series still diverge, the scale is raised
     4x and the series restarted (at most 3 times, counted in the info).
     """
-    depth, scale, batch_size = settings.depth, settings.scale, settings.batch_size
+    tokens = TokenFactors.from_factors(factors, stack.device)
+    stack = stack.to(tokens.x.dtype)
+
+    def top(samples: torch.Tensor | None, divisor: float, start: torch.Tensor) -> float:
+        return top_eigenvalue(tokens if samples is None else tokens.subset(samples), divisor, start.to(stack))
+
+    h, info = _solve(_FactorSpace(tokens, stack), factors.sq_norms, tuple(stack.shape[1:]), lam, n_effective,
+                     settings, top, kernel_plan=False)
+    return h / info.scale, info
+
+
+def lissa_kernel_influence(kernel: torch.Tensor, dots: torch.Tensor, v_sq: torch.Tensor, sq_norms: torch.Tensor,
+                           weight_shape: tuple[int, int], lam: float, n_effective: int,
+                           settings: LissaSettings = LissaSettings()) -> tuple[torch.Tensor, LissaInfo]:
+    """(n, k) g_i . (H + lambda I)^-1 v_k by the same recursion as `lissa_solve`, run in sample coordinates.
+
+    kernel = G G^T (n, n), dots = G [v_1..v_k] (n, k), v_sq the ||v_k||^2. Same draws, steps, averaging and
+    stopping rule as `lissa_solve` for the same settings; an automatic scale takes the exact top eigenvalue of
+    H and of each mini-batch probe (eigvalsh of its kernel block) where `lissa_solve` runs power iterations
+    over a 32-sample probe. Defaults: full batches, at most 1,000,000 steps.
+    """
+    kernel, dots = kernel.double(), dots.double()
+
+    def top(samples: torch.Tensor | None, divisor: float, start: torch.Tensor) -> float:
+        block = kernel if samples is None else kernel[samples][:, samples]
+        return float(torch.linalg.eigvalsh(block)[-1]) / divisor if block.numel() else 0.0
+
+    space = _KernelSpace(kernel, dots, v_sq.double())
+    h, info = _solve(space, sq_norms, weight_shape, lam, n_effective, settings, top, kernel_plan=True)
+    return space.influence(h) / info.scale, info
+
+
+def _solve(space, sq_norms: torch.Tensor, weight_shape: tuple[int, ...], lam: float, n_effective: int,
+           settings: LissaSettings, top, kernel_plan: bool) -> tuple[torch.Tensor, LissaInfo]:
+    """The recursion of `lissa_solve` in either space: checks, scale, restarts; (scale x solution, info)."""
+    active = torch.nonzero(sq_norms > 0).flatten()
+    n_active = int(active.numel())
+    depth = settings.depth if settings.depth is not None else LISSA_KERNEL_DEPTH if kernel_plan else LISSA_DEPTH
+    batch_size = settings.batch_size if settings.batch_size is not None else (
+        max(n_active, 1) if kernel_plan else LISSA_BATCH)
+    scale = settings.scale
     if depth < 1:
         raise LayerIFError(f"--lissa-depth must be >= 1, got {depth}")
     if scale is not None and scale <= 0:
@@ -186,21 +251,18 @@ def lissa_solve(factors: MatrixFactors, stack: torch.Tensor, lam: float, n_effec
         raise LayerIFError(f"--lissa-tol must be >= 0, got {settings.tol}")
     if settings.repeats < 1 or batch_size < 1:
         raise LayerIFError(f"--lissa-repeats and --lissa-batch must be >= 1, got {settings.repeats} and {batch_size}")
-    tokens = TokenFactors.from_factors(factors, stack.device)
-    stack = stack.to(tokens.x.dtype)
-    active = torch.nonzero(factors.sq_norms > 0).flatten()
-    n_active = int(active.numel())
     generator = torch.Generator().manual_seed(settings.seed)
     full_batch = batch_size >= n_active
     # each step's H_B = (n_active / n_effective) mean over B of g g^T, an unbiased draw of H
     divisor = n_effective if full_batch else batch_size * n_effective / max(n_active, 1)
     estimate, automatic, restarts = None, scale is None, 0
     if automatic:
-        estimate = _probe_top_eigenvalue(tokens, active, n_effective, batch_size, stack, generator)
+        first = n_active if kernel_plan else min(POWER_SAMPLES, n_active)  # the kernel plan sees all of H cheaply
+        estimate = _probe_top_eigenvalue(top, active, n_effective, batch_size, weight_shape, generator, first)
         scale = SCALE_SAFETY * (estimate + lam)
     repeats = 1 if full_batch else settings.repeats  # full batches make every recursion the same
     seeds = torch.randint(1 << 62, (repeats,), generator=generator).tolist()
-    series = _Series(tokens, stack, active, lam, batch_size, divisor)
+    series = _Series(space, active, lam, batch_size, divisor)
     while True:
         try:
             outcome = series.run(scale, depth, settings.tol, [torch.Generator().manual_seed(s) for s in seeds])
@@ -215,39 +277,103 @@ def lissa_solve(factors: MatrixFactors, stack: torch.Tensor, lam: float, n_effec
             restarts += 1
     info = LissaInfo(float(scale), depth, n_active if full_batch else batch_size, outcome.change, outcome.h_change,
                      estimate, restarts, outcome.steps, settings.tol, repeats,
-                     settings.tol > 0 and outcome.change < settings.tol)
-    return outcome.h / scale, info
+                     settings.tol > 0 and outcome.change < settings.tol, "kernel" if kernel_plan else "factors")
+    return outcome.h, info
 
 
-def _probe_top_eigenvalue(tokens: TokenFactors, active: torch.Tensor, n_effective: int, batch_size: int,
-                          stack: torch.Tensor, generator: torch.Generator) -> float:
-    """Largest power-iteration top eigenvalue of H over a 32-sample probe and a few mini-batch-sized probes."""
+def _probe_top_eigenvalue(top, active: torch.Tensor, n_effective: int, batch_size: int,
+                          weight_shape: tuple[int, ...], generator: torch.Generator, first: int) -> float:
+    """Largest top eigenvalue of H over a `first`-sample probe and a few mini-batch-sized probes."""
     n_active = int(active.numel())
-    sizes = [min(POWER_SAMPLES, n_active)] + ([batch_size] * PROBE_BATCHES if batch_size < n_active else [])
-    start = torch.randn(stack.shape[1:], generator=generator, dtype=torch.float64).to(stack)
+    sizes = [first] + ([batch_size] * PROBE_BATCHES if batch_size < n_active else [])
+    start = torch.randn(weight_shape, generator=generator, dtype=torch.float64)
     largest = 0.0
     for size in sizes:  # a handful of probes, each vectorised over its samples
-        probe = active if size >= n_active else active[torch.randperm(n_active, generator=generator)[:size]]
-        probe_tokens = tokens if size >= n_active else tokens.subset(probe)
+        probe = None if size >= n_active else active[torch.randperm(n_active, generator=generator)[:size]]
         # on the same footing as H: (1/|probe|) sum g g^T times the active share
-        largest = max(largest, top_eigenvalue(probe_tokens, max(size, 1) * n_effective / max(n_active, 1), start))
+        largest = max(largest, top(probe, max(size, 1) * n_effective / max(n_active, 1), start))
     return largest
 
 
 @dataclass
 class _Outcome:
-    h: torch.Tensor  # the estimate of scale * (H + lambda I)^-1 v for the stack
+    h: torch.Tensor  # the estimate of scale * (H + lambda I)^-1 v for the stack, in the space's coordinates
     change: float  # relative change of G h over the last window
     h_change: float  # the same for h
     steps: int
 
 
 @dataclass
-class _Series:
-    """One matrix's recursions h_{k+1} = v + (I - (H_B + lambda I) / scale) h_k over a stack of vectors v."""
+class _FactorSpace:
+    """h as (k, d_out, d_in) weight-shaped vectors; H_B h from the token factors."""
 
     tokens: TokenFactors
     stack: torch.Tensor
+
+    def start(self) -> torch.Tensor:
+        return self.stack.clone()
+
+    def hvp(self, h: torch.Tensor, samples: torch.Tensor | None, divisor: float) -> torch.Tensor:
+        batch = self.tokens if samples is None else self.tokens.subset(samples)
+        return batch.hvp(h, divisor)
+
+    def first_dots(self, h: torch.Tensor) -> torch.Tensor:
+        return self.tokens.dots(h[:1])[0]
+
+    def norms(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(h.shape[0], -1).norm(dim=1)
+
+
+@dataclass
+class _KernelSpace:
+    """h_k = a_k v_k + sum_j c_kj g_j as coordinates (k, 1 + n): the same iterates, formed from K = G G^T and G v.
+
+    Every iterate of the recursion lies in span{v_k, g_1..g_n} (h_0 = v_k, each step adds v_k and multiples of
+    the g_i), so with n training samples against d_W parameters a step costs O(|B| n k) instead of a pass over
+    the factors.
+    """
+
+    kernel: torch.Tensor  # (n, n) float64
+    dots: torch.Tensor  # (n, k) g_i . v_k
+    v_sq: torch.Tensor  # (k,) ||v_k||^2
+
+    def start(self) -> torch.Tensor:
+        start = torch.zeros(self.dots.shape[1], 1 + self.dots.shape[0], dtype=torch.float64)
+        start[:, 0] = 1.0
+        return start
+
+    def _gh(self, h: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
+        """(k, |B|) g_i . h_k for the samples (all when None)."""
+        rows = self.kernel if samples is None else self.kernel[samples]
+        dots = self.dots if samples is None else self.dots[samples]
+        return h[:, :1] * dots.t() + h[:, 1:] @ rows.t()
+
+    def hvp(self, h: torch.Tensor, samples: torch.Tensor | None, divisor: float) -> torch.Tensor:
+        out = torch.zeros_like(h)
+        if samples is None:
+            out[:, 1:] = self._gh(h, None) / divisor
+        else:
+            out[:, 1 + samples] = self._gh(h, samples) / divisor
+        return out
+
+    def first_dots(self, h: torch.Tensor) -> torch.Tensor:
+        return self._gh(h[:1], None)[0]
+
+    def norms(self, h: torch.Tensor) -> torch.Tensor:
+        a, c = h[:, 0], h[:, 1:]
+        squares = a * a * self.v_sq + 2 * a * (c * self.dots.t()).sum(1) + ((c @ self.kernel) * c).sum(1)
+        return squares.clamp_min(0).sqrt()
+
+    def influence(self, h: torch.Tensor) -> torch.Tensor:
+        """(n, k) g_i . h_k."""
+        return self._gh(h, None).t()
+
+
+@dataclass
+class _Series:
+    """One matrix's recursions h_{k+1} = v + (I - (H_B + lambda I) / scale) h_k over a stack of vectors v."""
+
+    space: _FactorSpace | _KernelSpace
     active: torch.Tensor  # samples that may be drawn
     lam: float
     batch_size: int
@@ -260,23 +386,23 @@ class _Series:
         around the solution, so it is the mean over the recursions of the average iterate over the last half
         to three quarters of the steps (two running sums, shifted whenever the step count doubles).
         """
-        tokens, stack, lam = self.tokens, self.stack, self.lam
+        space, lam = self.space, self.lam
+        stack = space.start()
         n_active = int(self.active.numel())
         full_batch = self.batch_size >= n_active
-        bound = 10.0 * scale * float(stack.norm()) / max(lam, torch.finfo(torch.float64).tiny)
+        bound = 10.0 * scale * float(space.norms(stack).norm()) / max(lam, torch.finfo(torch.float64).tiny)
         tiny = torch.finfo(stack.dtype).tiny
         h = [stack.clone() for _ in generators]
         older, newer = torch.zeros_like(stack), torch.zeros_like(stack)
         counts, boundary = [0, 0], 1
-        marker_step, marker_h = 0, stack[0].clone()
-        marker_dots = tokens.dots(stack[:1])[0]
+        marker_step, marker_h = 0, stack[:1].clone()
+        marker_dots = space.first_dots(stack)
         change = h_change = float("inf")
         step = 0
         for step in range(1, depth + 1):
             for r, generator in enumerate(generators):
-                batch = tokens if full_batch else tokens.subset(
-                    self.active[torch.randperm(n_active, generator=generator)[:self.batch_size]])
-                h[r] = stack + h[r] - (batch.hvp(h[r], self.divisor) + lam * h[r]) / scale
+                samples = None if full_batch else self.active[torch.randperm(n_active, generator=generator)[:self.batch_size]]
+                h[r] = stack + h[r] - (space.hvp(h[r], samples, self.divisor) + lam * h[r]) / scale
             if not full_batch:
                 if step == 2 * boundary:
                     older, newer, counts, boundary = newer, older.zero_(), [counts[1], 0], step
@@ -284,7 +410,7 @@ class _Series:
                 counts[1] += 1
             if step % CHECK_EVERY and step != depth:
                 continue
-            size = max(float(part.norm()) for part in h)
+            size = max(float(space.norms(part).norm()) for part in h)
             if not size < bound:  # also catches NaN
                 raise _Diverged(size, step)
             if step - marker_step < max(1, step // 10):
@@ -292,10 +418,10 @@ class _Series:
             current = h[0] if full_batch else (older + newer) / (counts[0] + counts[1])
             # what the scores see is G h, not h: components of h that no training gradient reaches converge
             # at the slow rate lambda / scale but never change an influence
-            dots = tokens.dots(current[:1])[0]
+            dots = space.first_dots(current)
             change = float((dots - marker_dots).norm() / dots.norm().clamp_min(tiny))
-            h_change = float((current[0] - marker_h).norm() / current[0].norm().clamp_min(tiny))
-            marker_step, marker_h, marker_dots = step, current[0].clone(), dots
+            h_change = float(space.norms(current[:1] - marker_h)[0] / space.norms(current[:1])[0].clamp_min(tiny))
+            marker_step, marker_h, marker_dots = step, current[:1].clone(), dots
             if change < tol:
                 break
         estimate = h[0] if full_batch else (older + newer) / (counts[0] + counts[1])
