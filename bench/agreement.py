@@ -44,6 +44,18 @@ def _worst_change(info: dict) -> float | None:
     return max((entry.get("relative_change", 0.0) for entry in info.values()), default=None)
 
 
+def _convergence(info: dict) -> str | None:
+    """'converged c of m, steps mean / max' for a LiSSA run's estimator_info (None for other estimators)."""
+    from layerif.influence.lissa import convergence_summary
+
+    summary = convergence_summary(info)
+    if summary is None:
+        return None
+    plans = sorted({entry.get("plan", "factors") for entry in info.values()})
+    return (f"{summary['matrices'] - summary['not_converged']} of {summary['matrices']} converged, steps "
+            f"{summary['steps_mean']:.0f} / {summary['steps_max']} ({'/'.join(plans)} plan)")
+
+
 def shared_capture_scores(model, tokenizer, train: list, val: list, estimators: list[str], settings: dict) -> dict:
     """Every estimator on one spilled gradient capture (`--estimator a,b,...`): q, step times, LiSSA's convergence."""
     from layerif.api import ScoreConfig, score_layers
@@ -57,7 +69,8 @@ def shared_capture_scores(model, tokenizer, train: list, val: list, estimators: 
     capture = run_seconds - sum(steps.values())
     out = {name: {"q": scores.q.double(), "seconds": capture + steps[name], "influence_s": steps[name],
                   "plan": scores.metadata["plan"]["mode"],
-                  "lissa_worst_change": _worst_change(scores.metadata.get("estimator_info") or {})}
+                  "lissa_worst_change": _worst_change(scores.metadata.get("estimator_info") or {}),
+                  "lissa_convergence": _convergence(scores.metadata.get("estimator_info") or {})}
            for name, scores in by_estimator.items()}
     return {"estimators": out, "run_seconds": run_seconds, "capture_seconds": capture}
 
@@ -97,7 +110,8 @@ def score_task(model, tokenizer, task: str, estimators: list[str], sizes: tuple[
         out[estimator] = {"q": scores.q.double(), "seconds": seconds,
                           "influence_s": scores.metadata["timings"].get("influence_s", seconds),
                           "plan": scores.metadata["plan"]["mode"],
-                          "lissa_worst_change": _worst_change(scores.metadata.get("estimator_info") or {})}
+                          "lissa_worst_change": _worst_change(scores.metadata.get("estimator_info") or {}),
+                          "lissa_convergence": _convergence(scores.metadata.get("estimator_info") or {})}
         print(f"    {seconds:.1f} s", flush=True)
     return out
 
@@ -124,6 +138,7 @@ def agreement_tables(task: str, results: dict) -> list[str]:
     base = results.get("identity", {}).get("influence_s")
     lines += ["", "| estimator | run time (s) | estimator step (s) | over identity (s) | plan | top-5 layers (S_pos) | "
               "LiSSA worst relative change |", "|---|---|---|---|---|---|---|"]
+    notes = []
     for name in names:
         entry = results[name]
         top = torch.argsort(profiles[name], descending=True)[:5].tolist()
@@ -131,7 +146,9 @@ def agreement_tables(task: str, results: dict) -> list[str]:
         change = "-" if entry["lissa_worst_change"] is None else f"{entry['lissa_worst_change']:.2e}"
         lines.append(f"| {name} | {entry['seconds']:.1f} | {entry['influence_s']:.1f} | {extra} | {entry['plan']} | "
                      f"{top} | {change} |")
-    return lines + [""]
+        if entry.get("lissa_convergence"):
+            notes.append(f"{name}: {entry['lissa_convergence']}.")
+    return lines + ([""] + notes if notes else []) + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="each finished task's q per estimator is saved here; a rerun reuses it")
     parser.add_argument("--lissa-depth", type=int, default=None,
                         help="most LiSSA steps per matrix (default: the engine's, with its convergence tolerance)")
+    parser.add_argument("--rerun", default="",
+                        help="comma list of estimators to score again in their own capture, replacing their cached "
+                             "entries (e.g. after a change of their defaults)")
     parser.add_argument("--separate-runs", action="store_true",
                         help="one full scoring run per estimator instead of one shared gradient capture")
     parser.add_argument("--peer", action="store_true",
@@ -188,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             results = {"estimators": score_task(loaded.model, loaded.tokenizer, task, estimators, sizes, settings)}
         else:
             results = score_task_shared(loaded.model, loaded.tokenizer, task, estimators, sizes, settings)
-        if not saved.is_file():
+        rerun = [name for name in args.rerun.split(",") if name]
+        if rerun:
+            again = score_task_shared(loaded.model, loaded.tokenizer, task, rerun, sizes, settings)
+            results["estimators"] |= again["estimators"]
+            results["reruns"] = results.get("reruns", {}) | {
+                name: (again["run_seconds"], again["capture_seconds"]) for name in rerun}
+        if rerun or not saved.is_file():
             work.mkdir(parents=True, exist_ok=True)
             torch.save(results, saved.with_suffix(".tmp"))
             saved.with_suffix(".tmp").replace(saved)
@@ -199,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         lines += agreement_tables(task, estimators_here)
         if "capture_seconds" in results:
             lines[-1:-1] = ["", f"One run: {results['run_seconds']:.1f} s, of which capture and spill "
-                            f"{results['capture_seconds']:.1f} s."]
+                            f"{results['capture_seconds']:.1f} s."] + [
+                f"{name}: scored again in its own capture ({seconds:.1f} s, of which capture and spill "
+                f"{capture:.1f} s); its run time is that run's." for name, (seconds, capture) in
+                results.get("reruns", {}).items()]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), "\n".join(lines))  # a finished task is kept if a later one fails
     print("\n".join(lines))
