@@ -101,7 +101,7 @@ def full_batch_steps(entry: dict, tol: float, pairs: list[tuple[int, int]]) -> t
 def mini_batch_runs(entries: list[dict], settings: dict[str, dict]) -> dict[str, list[dict]]:
     """lissa_kernel_influence per setting on each entry: converged, steps, last-window change, error vs exact, s."""
     from layerif.influence.estimators import Exact
-    from layerif.influence.lissa import LissaSettings, lissa_kernel_influence
+    from layerif.influence.lissa import LissaProblem, LissaSettings, lissa_kernel_influence
 
     out: dict[str, list[dict]] = {}
     for label, options in settings.items():
@@ -109,8 +109,8 @@ def mini_batch_runs(entries: list[dict], settings: dict[str, dict]) -> dict[str,
         for entry in entries:
             started = time.perf_counter()
             values, info = lissa_kernel_influence(
-                entry["kernel"], entry["dots"].unsqueeze(1), torch.tensor([entry["v_sq"]]), entry["sq_norms"],
-                entry["shape"], entry["lam"], entry["n"], LissaSettings(**options))
+                entry["kernel"], entry["dots"].unsqueeze(1), torch.tensor([entry["v_sq"]]),
+                LissaProblem(entry["sq_norms"], entry["shape"], entry["lam"], entry["n"]), LissaSettings(**options))
             exact = -Exact().from_kernel(entry["kernel"], entry["dots"].unsqueeze(1), entry["sq_norms"],
                                          entry["lam"], entry["n"])
             rows.append({"converged": info.converged, "steps": info.steps, "change": info.relative_change,

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from lissa_convergence import comparison_steps, full_batch_steps  # noqa: E402
 
 from layerif.influence.estimators import Exact, damping  # noqa: E402
-from layerif.influence.lissa import LissaSettings, lissa_kernel_influence  # noqa: E402
+from layerif.influence.lissa import LissaProblem, LissaSettings, lissa_kernel_influence  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -28,7 +28,7 @@ def test_closed_form_full_batch_matches_the_recursion(seed):
     steps, change, error = full_batch_steps(entry, 1e-4, comparison_steps(100_000))
     top = float(torch.linalg.eigvalsh(entry["kernel"])[-1]) / n + entry["lam"]
     values, info = lissa_kernel_influence(entry["kernel"], entry["dots"].unsqueeze(1), torch.tensor([entry["v_sq"]]),
-                                          sq, entry["shape"], entry["lam"], n,
+                                          LissaProblem(sq, entry["shape"], entry["lam"], n),
                                           LissaSettings(depth=100_000, batch_size=n, tol=1e-4, scale=2 * top))
     assert info.converged and steps == info.steps
     assert change == pytest.approx(info.relative_change, rel=1e-6)

@@ -194,15 +194,15 @@ class Lissa(_Solved):
     name = "lissa"
 
     def solved_influence(self, inputs, stack, lam, n, ctx):
-        from layerif.influence.lissa import lissa_kernel_influence, lissa_settings
+        from layerif.influence.lissa import LissaProblem, lissa_kernel_influence, lissa_settings
 
         train, settings = inputs.train, lissa_settings(self.options)
         if not settings.kernel_plan(int((train.sq_norms > 0).sum()), train.d_in * train.d_out):
             return super().solved_influence(inputs, stack, lam, n, ctx)
         kernel, dots = train.gram_and_dots(stack, max_bytes=ctx.kernel_bytes)
         v_sq = stack.reshape(stack.shape[0], -1).double().square().sum(1)
-        values, details = lissa_kernel_influence(kernel, dots, v_sq, train.sq_norms, (train.d_out, train.d_in), lam,
-                                                 n, settings)
+        problem = LissaProblem(train.sq_norms, (train.d_out, train.d_in), lam, n)
+        values, details = lissa_kernel_influence(kernel, dots, v_sq, problem, settings)
         return -values, details.to_dict()
 
     def solve(self, inputs, stack, lam, n):

@@ -141,6 +141,19 @@ class LissaSettings:
         return self.plan == "kernel" or (self.plan == "auto" and n <= min(KERNEL_PLAN_MAX_SAMPLES, n_params))
 
 
+@dataclass(frozen=True)
+class LissaProblem:
+    """One matrix's system (H + lambda I) x = v: who has a gradient, the weight's shape, damping, H's divisor.
+
+    sq_norms: (n,) ||g_i||^2 (zero: never drawn); H = (1/n_effective) sum_i g_i g_i^T.
+    """
+
+    sq_norms: torch.Tensor
+    weight_shape: tuple[int, ...]
+    lam: float
+    n_effective: int
+
+
 @dataclass
 class LissaInfo:
     """How a LiSSA solve went for one matrix."""
@@ -208,13 +221,12 @@ def lissa_solve(factors: MatrixFactors, stack: torch.Tensor, lam: float, n_effec
     def top(samples: torch.Tensor | None, divisor: float, start: torch.Tensor) -> float:
         return top_eigenvalue(tokens if samples is None else tokens.subset(samples), divisor, start.to(stack))
 
-    h, info = _solve(_FactorSpace(tokens, stack), factors.sq_norms, tuple(stack.shape[1:]), lam, n_effective,
-                     settings, top, kernel_plan=False)
+    problem = LissaProblem(factors.sq_norms, tuple(stack.shape[1:]), lam, n_effective)
+    h, info = _solve(_FactorSpace(tokens, stack), problem, settings, top, kernel_plan=False)
     return h / info.scale, info
 
 
-def lissa_kernel_influence(kernel: torch.Tensor, dots: torch.Tensor, v_sq: torch.Tensor, sq_norms: torch.Tensor,
-                           weight_shape: tuple[int, int], lam: float, n_effective: int,
+def lissa_kernel_influence(kernel: torch.Tensor, dots: torch.Tensor, v_sq: torch.Tensor, problem: LissaProblem,
                            settings: LissaSettings = LissaSettings()) -> tuple[torch.Tensor, LissaInfo]:
     """(n, k) g_i . (H + lambda I)^-1 v_k by the same recursion as `lissa_solve`, run in sample coordinates.
 
@@ -230,14 +242,15 @@ def lissa_kernel_influence(kernel: torch.Tensor, dots: torch.Tensor, v_sq: torch
         return float(torch.linalg.eigvalsh(block)[-1]) / divisor if block.numel() else 0.0
 
     space = _KernelSpace(kernel, dots, v_sq.double())
-    h, info = _solve(space, sq_norms, weight_shape, lam, n_effective, settings, top, kernel_plan=True)
+    h, info = _solve(space, problem, settings, top, kernel_plan=True)
     return space.influence(h) / info.scale, info
 
 
-def _solve(space, sq_norms: torch.Tensor, weight_shape: tuple[int, ...], lam: float, n_effective: int,
-           settings: LissaSettings, top, kernel_plan: bool) -> tuple[torch.Tensor, LissaInfo]:
+def _solve(space, problem: LissaProblem, settings: LissaSettings, top,
+           kernel_plan: bool) -> tuple[torch.Tensor, LissaInfo]:
     """The recursion of `lissa_solve` in either space: checks, scale, restarts; (scale x solution, info)."""
-    active = torch.nonzero(sq_norms > 0).flatten()
+    lam, n_effective = problem.lam, problem.n_effective
+    active = torch.nonzero(problem.sq_norms > 0).flatten()
     n_active = int(active.numel())
     depth = settings.depth if settings.depth is not None else LISSA_KERNEL_DEPTH if kernel_plan else LISSA_DEPTH
     batch_size = settings.batch_size if settings.batch_size is not None else (
@@ -258,7 +271,7 @@ def _solve(space, sq_norms: torch.Tensor, weight_shape: tuple[int, ...], lam: fl
     estimate, automatic, restarts = None, scale is None, 0
     if automatic:
         first = n_active if kernel_plan else min(POWER_SAMPLES, n_active)  # the kernel plan sees all of H cheaply
-        estimate = _probe_top_eigenvalue(top, active, n_effective, batch_size, weight_shape, generator, first)
+        estimate = _probe_top_eigenvalue(top, problem, active, batch_size, generator, first)
         scale = SCALE_SAFETY * (estimate + lam)
     repeats = 1 if full_batch else settings.repeats  # full batches make every recursion the same
     seeds = torch.randint(1 << 62, (repeats,), generator=generator).tolist()
@@ -281,12 +294,12 @@ def _solve(space, sq_norms: torch.Tensor, weight_shape: tuple[int, ...], lam: fl
     return outcome.h, info
 
 
-def _probe_top_eigenvalue(top, active: torch.Tensor, n_effective: int, batch_size: int,
-                          weight_shape: tuple[int, ...], generator: torch.Generator, first: int) -> float:
+def _probe_top_eigenvalue(top, problem: LissaProblem, active: torch.Tensor, batch_size: int,
+                          generator: torch.Generator, first: int) -> float:
     """Largest top eigenvalue of H over a `first`-sample probe and a few mini-batch-sized probes."""
-    n_active = int(active.numel())
+    n_active, n_effective = int(active.numel()), problem.n_effective
     sizes = [first] + ([batch_size] * PROBE_BATCHES if batch_size < n_active else [])
-    start = torch.randn(weight_shape, generator=generator, dtype=torch.float64)
+    start = torch.randn(problem.weight_shape, generator=generator, dtype=torch.float64)
     largest = 0.0
     for size in sizes:  # a handful of probes, each vectorised over its samples
         probe = None if size >= n_active else active[torch.randperm(n_active, generator=generator)[:size]]
