@@ -25,7 +25,8 @@ def write_study(folder: Path, stem: str, results: dict, command: str, started: s
                 order: list[str]) -> None:
     """`stem`.md / .csv / .png in `folder` from {comparison folder: CompareResult} (partial results included).
 
-    A hand-written `stem`.notes.md in `folder` (machine state of the sessions that ran it) is put under the title.
+    A hand-written `stem`.notes.md in `folder` (machine state of the sessions that ran it, and the readings written
+    from the finished settings) is put under the title.
     """
     from layerif.compare.results import markdown, run_rows
     from layerif.io import atomic_write_text
@@ -37,7 +38,8 @@ def write_study(folder: Path, stem: str, results: dict, command: str, started: s
         all(name in results for name in order)
     compute_h = sum(r.seconds for r in results.values()) / 3600
     lines = [f"# Pruning study — {stem}", ""]
-    # What the machine was doing is known to whoever ran it, not to the units: kept by hand beside the tables.
+    # What the machine was doing, and what the numbers say, is known to whoever ran it, not to the units: kept by
+    # hand beside the tables.
     notes = folder / f"{stem}.notes.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
