@@ -40,6 +40,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(value) if value == value else 0.0
 
 
+def block_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(L,) per block: the largest |a - b| over the largest |a| (a, b: [L, n] q)."""
+    a, b = a.double(), b.double()
+    return (a - b).abs().amax(1) / a.abs().amax(1).clamp_min(torch.finfo(torch.float64).tiny)
+
+
 def _worst_change(info: dict) -> float | None:
     return max((entry.get("relative_change", 0.0) for entry in info.values()), default=None)
 
@@ -148,6 +154,11 @@ def agreement_tables(task: str, results: dict) -> list[str]:
                      f"{top} | {change} |")
         if entry.get("lissa_convergence"):
             notes.append(f"{name}: {entry['lissa_convergence']}.")
+        ours = results.get(name.removeprefix("kf-")) if name.startswith("kf-") else None
+        if ours is not None:
+            gap = block_gap(ours["q"], entry["q"])
+            notes.append(f"{name} against {name.removeprefix('kf-')}: largest per-block |q difference| over the block's "
+                         f"largest |q|, median {gap.median():.1e}, max {gap.max():.1e}.")
     return lines + ([""] + notes if notes else []) + [""]
 
 

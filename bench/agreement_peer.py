@@ -155,17 +155,21 @@ def describe(query_batch: int) -> str:
 
 
 def cached_entries(model, tokenizer, rows: tuple[list, list], settings: dict, query_batch: int, stem: Path) -> dict:
-    """kf-identity / kf-ekfac entries for agreement_tables, saved to `stem`-kronfluence-q<batch>.pt for reruns."""
-    saved = Path(f"{stem}-kronfluence-q{query_batch}.pt")
-    if saved.is_file():
-        print(f"  kronfluence: reusing {saved}", flush=True)
-        results = torch.load(saved)
-    else:
-        print(f"  kronfluence: {', '.join(STRATEGIES)} ...", flush=True)
+    """kf-identity / kf-ekfac entries for agreement_tables, each strategy saved as soon as it finishes (reruns reuse it)."""
+    results = {}
+    for strategy in STRATEGIES:
+        saved = Path(f"{stem}-kronfluence-{strategy}-q{query_batch}.pt")
+        if saved.is_file():
+            print(f"  kronfluence {strategy}: reusing {saved}", flush=True)
+            results[strategy] = torch.load(saved)
+            continue
+        print(f"  kronfluence {strategy} ...", flush=True)
         saved.parent.mkdir(parents=True, exist_ok=True)
-        results = kronfluence_scores(model, tokenizer, *rows, settings, query_batch=query_batch, work=saved.parent)
-        torch.save(results, saved.with_suffix(".tmp"))
+        entry = kronfluence_scores(model, tokenizer, *rows, settings, strategies=(strategy,), query_batch=query_batch,
+                                   work=saved.parent)[strategy]
+        torch.save(entry, saved.with_suffix(".tmp"))
         saved.with_suffix(".tmp").replace(saved)
-        print("    " + ", ".join(f"{name} {entry['seconds']:.1f} s" for name, entry in results.items()), flush=True)
+        print(f"    {strategy} {entry['seconds']:.1f} s (factors {entry['factors_s']:.1f} s)", flush=True)
+        results[strategy] = entry
     return {f"kf-{name}": {"q": entry["q"], "seconds": entry["seconds"], "influence_s": entry["seconds"],
                            "plan": "kronfluence", "lissa_worst_change": None} for name, entry in results.items()}

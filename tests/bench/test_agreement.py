@@ -41,3 +41,14 @@ def test_shared_capture_gives_each_estimator_its_own_runs_scores():
     assert shared["estimators"]["exact"]["lissa_worst_change"] is None
     # the estimators do differ, so equality above is not a trivial one
     assert not torch.allclose(shared["estimators"]["identity"]["q"], shared["estimators"]["exact"]["q"])
+
+
+def test_peer_rows_get_a_value_gap_line_against_their_layerif_namesake():
+    q = torch.tensor([[1.0, -2.0, 4.0], [0.5, 0.5, -1.0]])
+    peer = q.clone()
+    peer[0, 2] += 0.04  # 1 % of block 0's largest |q|; block 1 unchanged
+    entry = {"seconds": 1.0, "influence_s": 1.0, "plan": "x", "lissa_worst_change": None}
+    lines = load_bench().agreement_tables("t", {"identity": {"q": q, **entry}, "kf-identity": {"q": peer, **entry}})
+    gap = [line for line in lines if line.startswith("kf-identity against identity")]
+    assert gap == ["kf-identity against identity: largest per-block |q difference| over the block's largest |q|, "
+                   "median 0.0e+00, max 1.0e-02."]
