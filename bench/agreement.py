@@ -154,10 +154,10 @@ def agreement_tables(task: str, results: dict) -> list[str]:
                      f"{top} | {change} |")
         if entry.get("lissa_convergence"):
             notes.append(f"{name}: {entry['lissa_convergence']}.")
-        ours = results.get(name.removeprefix("kf-")) if name.startswith("kf-") else None
-        if ours is not None:
-            gap = block_gap(ours["q"], entry["q"])
-            notes.append(f"{name} against {name.removeprefix('kf-')}: largest per-block |q difference| over the block's "
+        namesake = name.removeprefix("kf-")
+        if namesake != name and namesake in results:
+            gap = block_gap(results[namesake]["q"], entry["q"])
+            notes.append(f"{name} against {namesake}: largest per-block |q difference| over the block's "
                          f"largest |q|, median {gap.median():.1e}, max {gap.max():.1e}.")
     return lines + ([""] + notes if notes else []) + [""]
 
