@@ -205,7 +205,7 @@ def prune_command(job: PruneJob) -> None:
     "overwrite": Option(OVERWRITE_HELP + " Also discards finished units.")})
 def compare_prune_command(job: ComparePruneJob) -> None:
     """Prune with each allocation over calibration seeds, choose ε on validation, and say which is better."""
-    from layerif.compare.results import ratio_text
+    from layerif.compare.results import edge_text, ratio_text
 
     result = job.run()
     if not job.quiet:
@@ -213,6 +213,8 @@ def compare_prune_command(job: ComparePruneJob) -> None:
     first = result.arms[0]["allocation"]
     for verdict in (v for v in result.verdicts if v["allocation"] == first):
         typer.echo(f"{first} vs {verdict['baseline']}: {verdict['reading']} ({ratio_text(verdict)})")
+    if (warning := edge_text(result)) is not None:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"wrote compare.json, compare.md, runs.csv and window_nll.csv to {job.out}")
 
 

@@ -207,3 +207,21 @@ def test_a_grid_that_moves_the_chosen_epsilon_redoes_the_runs_pruned_at_the_old_
     assert "test-layerif-c0-r0" in second.store.computed and "test-uniform-c0-r0" not in second.store.computed
     layerif_runs = [run for run in result.runs if run["allocation"] == "layerif"]
     assert [run["epsilon"] for run in layerif_runs] == [other]
+
+
+def test_an_epsilon_chosen_at_an_end_of_the_grid_is_flagged_in_the_page():
+    from layerif.compare.results import CompareResult, at_grid_edge, markdown
+
+    grid = [0.2, 0.3, 0.4, 0.5]
+    assert at_grid_edge(0.2, grid) and at_grid_edge(0.5, grid)
+    assert not at_grid_edge(0.3, grid) and not at_grid_edge(None, grid)
+    assert not at_grid_edge(0.3, [0.1, 0.3])  # two values: every choice is an end, nothing to say
+    setting = {"method": "wanda", "sparsity": 0.7, "model": "m", "block_windows": 8, "epsilon_grid": grid}
+    sweep = {f"{e:g}": 100 + 10 * e for e in grid}
+    arms = [{"allocation": name, "epsilon": eps, "epsilon_from": name, "valid_ppl": sweep[f"{eps:g}"],
+             "sweep": sweep, "epsilon_at_edge": at_grid_edge(eps, grid)}
+            for name, eps in (("layerif", 0.3), ("depth", 0.2))]
+    page = "\n".join(markdown(CompareResult(setting, arms, [], [])))
+    assert "Grid edge" in page and "for depth:" in page and "layerif," not in page.split("Grid edge")[1]
+    arms[1] = {**arms[1], "epsilon": 0.4, "epsilon_at_edge": False}
+    assert "Grid edge" not in "\n".join(markdown(CompareResult(setting, arms, [], [])))

@@ -71,6 +71,20 @@ class CompareResult:
                 "compute_seconds": round(self.seconds, 1), "zeroshot": self.zeroshot}
 
 
+def at_grid_edge(epsilon: float | None, grid) -> bool:
+    """Whether a sweep over `grid` (three values or more) chose its smallest or largest ε: the best may lie beyond."""
+    return epsilon is not None and len(grid) >= 3 and epsilon in (min(grid), max(grid))
+
+
+def edge_text(result: CompareResult) -> str | None:
+    """One line naming the allocations whose ε sits at an end of the grid, or None."""
+    names = [arm["allocation"] for arm in result.arms if arm.get("epsilon_at_edge")]
+    if not names:
+        return None
+    return (f"ε chosen at an end of the grid for {', '.join(names)}: the best may lie beyond it. A wider "
+            "--epsilon-grid reuses every finished unit and redoes only the runs whose choice moves.")
+
+
 def _log_ppl(nll: np.ndarray, length: int) -> float:
     return float(nll.sum()) / (nll.size * (length - 1))
 
@@ -89,10 +103,12 @@ def collect(job) -> CompareResult:
                     sweep[f"{eps:g}"] = math.exp(saved[0]["valid_log_ppl"])
                     seconds += saved[0]["seconds"] if source == arm else 0.0
         epsilon = job.chosen_epsilon(arm)
+        swept_here = source == arm and len(sweep) == len(job.epsilons)
         arms.append({"allocation": arm.token, "base": arm.base, "score": arm.aggregation if arm.uses_scores else None,
                      "scores": job.score_runs.get(arm.scores_label) if arm.uses_scores else None,
                      "epsilon": epsilon, "epsilon_from": None if source is None else source.token,
-                     "valid_ppl": sweep.get(f"{epsilon:g}") if epsilon is not None else None, "sweep": sweep})
+                     "valid_ppl": sweep.get(f"{epsilon:g}") if epsilon is not None else None, "sweep": sweep,
+                     "epsilon_at_edge": swept_here and at_grid_edge(epsilon, job.epsilons)})
         for calib_seed, place_seed in job.runs_of(arm):
             saved = job.current_test(arm, arm.test_key(calib_seed, place_seed))
             if saved is None:
@@ -279,6 +295,8 @@ def markdown(result: CompareResult, heading: str = "##") -> list[str]:
                 text = "—" if value is None else f"{value:.2f}"
                 cells.append(f"**{text}**" if arm["epsilon"] is not None and eps == arm["epsilon"] else text)
             lines.append(f"| {arm['allocation']} | " + " | ".join(cells) + " |")
+        if (warning := edge_text(result)) is not None:
+            lines += ["", f"**Grid edge**: {warning}"]
     return lines + zeroshot_lines(result.zeroshot) + [""]
 
 
