@@ -22,11 +22,11 @@ def machine_line(results: dict) -> str:
 
 
 def write_study(folder: Path, stem: str, results: dict, command: str, started: str, wall_s: float,
-                order: list[str]) -> None:
+                order: list[str], tail: list[str] = ()) -> None:
     """`stem`.md / .csv / .png in `folder` from {comparison folder: CompareResult} (partial results included).
 
     A hand-written `stem`.notes.md in `folder` (machine state of the sessions that ran it, and the readings written
-    from the finished settings) is put under the title.
+    from the finished settings) is put under the title; `tail` (markdown lines) goes after the tables.
     """
     from layerif.compare.results import markdown, run_rows
     from layerif.io import atomic_write_text
@@ -54,6 +54,7 @@ def write_study(folder: Path, stem: str, results: dict, command: str, started: s
     for name in names:
         lines += markdown(results[name], heading="##")
         rows += [{"comparison": name, **row} for row in run_rows(results[name])]
+    lines += list(tail)
     atomic_write_text(folder / f"{stem}.md", "\n".join(lines) + "\n")
     if rows:
         fields = list(dict.fromkeys(key for row in rows for key in row))

@@ -142,13 +142,35 @@ class Study:
                 if folder not in self.latest and path.is_file():
                     self.latest[folder] = CompareResult.from_dict(json.loads(path.read_text()))
 
+    def profile_lines(self) -> list[str]:
+        """How the variant profiles rank the blocks beside the default one and beside depth (Spearman)."""
+        import numpy as np
+        from scipy.stats import spearmanr
+
+        from layerif.scores import LayerScores
+
+        folders = {label: self.work / ("scores-tasks" if label == "default" else f"scores-tasks-{label}")
+                   for label in PROFILES}
+        profiles = {label: np.asarray(LayerScores.load(path).scores("S_pos"))
+                    for label, path in folders.items() if (path / "run.json").is_file()}
+        if "default" not in profiles or len(profiles) < 2:
+            return []
+        depth = np.arange(len(profiles["default"]))
+        lines = ["## Score profiles", "", "S_pos per block of each profile on `tasks`, Spearman over the blocks "
+                 "(what the allocation sees):", "", "| profile | vs default (DataInf, all matrices) | vs depth "
+                 "(block index) |", "|---|---|---|"]
+        for label, values in profiles.items():
+            lines.append(f"| {label} | {spearmanr(values, profiles['default'])[0]:.2f} | "
+                         f"{spearmanr(values, depth)[0]:.2f} |")
+        return lines + [""]
+
     def write(self) -> None:
         from bench_tables import write_study
 
         self.load_finished()
         command = "python bench/pruning.py --standard" + (" --smoke" if self.smoke else "")
         write_study(self.results, STEM, self.latest, command, self.started, time.perf_counter() - self.clock,
-                    [setting_name(m, s) for m, s in SETTINGS])
+                    [setting_name(m, s) for m, s in SETTINGS], self.profile_lines())
 
 
 def main(settings: str | None = None, variants: bool = True, report_only: bool = False, smoke: bool = False,

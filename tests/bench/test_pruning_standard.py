@@ -66,3 +66,22 @@ def test_study_page_keeps_the_hand_written_machine_notes(tmp_path):
     (tmp_path / "study.notes.md").unlink()
     write_study(tmp_path, "study", {}, "python bench/pruning.py --standard", "now", 1.0, ["wanda-70"])
     assert "Machine: idle" not in (tmp_path / "study.md").read_text()
+
+
+def test_study_page_ranks_each_score_profile_against_the_default_and_depth(tmp_path):
+    import torch
+
+    from layerif.scores import LayerScores
+
+    bench = load_bench()
+    names = ["self_attn.q_proj", "mlp.down_proj"]
+    for folder, ramp in (("scores-tasks", torch.arange(6.0)), ("scores-tasks-identity", -torch.arange(6.0))):
+        q = (ramp.unsqueeze(1) + 10.0).repeat(1, 8)  # every validation row: this block's ramp value
+        LayerScores(q=q, module_names=names, q_modules=q.unsqueeze(1).repeat(1, 2, 1) / 2, n_params=[64] * 6,
+                    n_val=8).save(tmp_path / folder)
+        (tmp_path / folder / "run.json").write_text("{}")
+    lines = bench.Study(work=tmp_path).profile_lines()
+    assert "| default | 1.00 | 1.00 |" in lines and "| identity | -1.00 | -1.00 |" in lines
+    assert not any(line.startswith("| attn") for line in lines)  # never scored: no row
+    (tmp_path / "scores-tasks" / "run.json").unlink()
+    assert bench.Study(work=tmp_path).profile_lines() == []
