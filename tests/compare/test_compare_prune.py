@@ -225,3 +225,5 @@ def test_an_epsilon_chosen_at_an_end_of_the_grid_is_flagged_in_the_page():
     assert "Grid edge" in page and "for depth:" in page and "layerif," not in page.split("Grid edge")[1]
     arms[1] = {**arms[1], "epsilon": 0.4, "epsilon_at_edge": False}
     assert "Grid edge" not in "\n".join(markdown(CompareResult(setting, arms, [], [])))
+    unfinished = {**arms[1], "epsilon": 0.2, "sweep": {"0.2": 120.0}}  # a partial sweep decides nothing yet
+    assert "Grid edge" not in "\n".join(markdown(CompareResult(setting, [arms[0], unfinished], [], [])))

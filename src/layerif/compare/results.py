@@ -78,7 +78,10 @@ def at_grid_edge(epsilon: float | None, grid) -> bool:
 
 def edge_text(result: CompareResult) -> str | None:
     """One line naming the allocations whose ε sits at an end of the grid, or None."""
-    names = [arm["allocation"] for arm in result.arms if arm.get("epsilon_at_edge")]
+    grid = result.setting.get("epsilon_grid", [])
+    # from the sweep itself, so a compare.json written before the flag existed reads the same
+    names = [arm["allocation"] for arm in result.arms if arm.get("epsilon_from") == arm["allocation"]
+             and len(arm.get("sweep") or {}) == len(grid) and at_grid_edge(arm["epsilon"], grid)]
     if not names:
         return None
     return (f"ε chosen at an end of the grid for {', '.join(names)}: the best may lie beyond it. A wider "
