@@ -40,6 +40,9 @@ SMOKE = dict(calib_seeds=2, random_seeds=2, epsilon_grid="0.2,0.4", valid_window
 ZEROSHOT = dict(zeroshot="arc_easy,arc_challenge,openbookqa,rte", zeroshot_limit=500)
 SCORE_TASKS = ("boolq", "arc_easy", "arc_challenge", "openbookqa")
 PROFILES = {"default": {}, "identity": {"estimator": "identity"}, "attn": {"modules": "attn"}}
+# Put under the title of every comparison page: whether the machine was idle is known to the sessions that ran the
+# units, not to the units, and the notes file beside the study page keeps it per session.
+NOTES_POINTER = f"Machine state when each unit ran (idle or not, per session): `../../{STEM}.notes.md`."
 
 
 def here(path: Path) -> str:
@@ -164,10 +167,26 @@ class Study:
                          f"{spearmanr(values, depth)[0]:.2f} |")
         return lines + [""]
 
+    def point_to_notes(self) -> None:
+        """Put the notes pointer under the title of each published comparison page that lacks it (when the notes
+        file it names exists)."""
+        from layerif.io import atomic_write_text
+
+        if not (self.work.parent / f"{STEM}.notes.md").is_file():
+            return
+        for folder in self.latest:
+            page = self.work / folder / "compare.md"
+            if not page.is_file():
+                continue
+            lines = page.read_text().splitlines()
+            if not any(line.startswith(NOTES_POINTER.split(":")[0]) for line in lines):
+                atomic_write_text(page, "\n".join([*lines[:2], NOTES_POINTER, "", *lines[2:]]) + "\n")
+
     def write(self) -> None:
         from bench_tables import write_study
 
         self.load_finished()
+        self.point_to_notes()
         command = "python bench/pruning.py --standard" + (" --smoke" if self.smoke else "")
         write_study(self.results, STEM, self.latest, command, self.started, time.perf_counter() - self.clock,
                     [setting_name(m, s) for m, s in SETTINGS], self.profile_lines())

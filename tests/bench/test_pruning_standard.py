@@ -27,6 +27,7 @@ def load_bench():
 def test_smoke_study_writes_partial_then_complete_tables(tmp_path):
     bench = load_bench()
     model = save_tiny_model(tmp_path / "model", layers=3)
+    (tmp_path / "pruning_full.notes.md").write_text("**Machine: idle.**\n")  # where the pages' pointer leads
     study = bench.Study(smoke=True, model=str(model), work=tmp_path / "work")
     seen = []
     study.write = lambda original=study.write: (seen.append(dict(study.latest)), original())
@@ -37,6 +38,11 @@ def test_smoke_study_writes_partial_then_complete_tables(tmp_path):
     rows = (tmp_path / "work" / "pruning_full.csv").read_text().splitlines()
     assert rows[0].startswith("comparison,") and len(rows) > 10
     assert (tmp_path / "work" / "pruning_full.png").is_file()
+    # the comparison page points to the machine notes, once, under its title
+    compare_page = (tmp_path / "work" / "wanda-70" / "compare.md").read_text().splitlines()
+    assert compare_page[:3] == ["# layerif compare prune", "", bench.NOTES_POINTER]
+    study.write()
+    assert (tmp_path / "work" / "wanda-70" / "compare.md").read_text().count("Machine state when") == 1
     # the first tables were written after the first unit, from a partial comparison
     first = next(iter(seen[0].values()))
     assert not first.complete and len(first.runs) <= 1
